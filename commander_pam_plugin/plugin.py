@@ -1,0 +1,130 @@
+"""This package's hookimpls (entry point `pam`): the pam commands and the default timing sink.
+
+Parsing and policy live here; the bodies live in commands.py, imported only when a pam command
+runs so that `help` and shell start-up never pay for importing aiortc.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from typing import Any
+
+from . import timing
+from .errors import PamError
+from .hookspecs import hookimpl
+
+
+def port_number(text: str) -> int:
+    """argparse type for --port: 0 (pick a free port) to 65535."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port must be a number 0-65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535 (0 = a free port), got {value}")
+    return value
+
+
+def listen_address(text: str) -> str:
+    """argparse type for --host: one IP address; a wildcard would expose the tunnel everywhere."""
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+    if address.is_unspecified:
+        raise argparse.ArgumentTypeError(
+            f"{text} listens on every interface; give one address, e.g. 127.0.0.1")
+    return str(address)
+
+
+def _check_policy(ctx: Any, resource: str, command: str) -> None:
+    """Ask pam_before_connect plugins first; the first reason given refuses the connection."""
+    reason = ctx.hook.pam_before_connect(resource=resource, command=command)
+    if reason is not None:
+        raise PamError(f"connection to {resource} refused by policy: {reason}", status=1)
+
+
+def _add_connect_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("resource", metavar="RESOURCE", help="resource name, as 'pam resources' lists it")
+    parser.add_argument("--no-trickle-ice", action="store_true",
+                        help="send the offer with all candidates in one request (for old gateways)")
+    parser.add_argument("--timing", action="store_true", help="print a table of connect-phase timings")
+
+
+def _configure_launch(parser: argparse.ArgumentParser) -> None:
+    _add_connect_options(parser)
+    parser.add_argument("--command", metavar="CMD",
+                        help="run CMD on the resource instead of an interactive shell; exit with its status")
+
+
+def _configure_tunnel_start(parser: argparse.ArgumentParser) -> None:
+    _add_connect_options(parser)
+    parser.add_argument("--port", type=port_number, default=0, metavar="N",
+                        help="local port to listen on (default 0: a free port, printed)")
+    parser.add_argument("--host", type=listen_address, default="127.0.0.1", metavar="ADDR",
+                        help="local address to listen on (default 127.0.0.1)")
+    parser.add_argument("--json", action="store_true", help="print the tunnel record as JSON")
+    parser.add_argument("--run", metavar="CMD",
+                        help="run CMD while the tunnel is open, then stop it; exit with CMD's status")
+
+
+def _configure_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _configure_tunnel_stop(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", metavar="ID", help="tunnel id, as 'pam tunnel list' shows it")
+    which.add_argument("--all", action="store_true", help="stop every tunnel")
+
+
+def _launch(ctx: Any, args: argparse.Namespace) -> int:
+    _check_policy(ctx, args.resource, "pam launch")
+    from . import commands
+    return commands.launch(ctx, args)
+
+
+def _tunnel_start(ctx: Any, args: argparse.Namespace) -> int:
+    _check_policy(ctx, args.resource, "pam tunnel start")
+    from . import commands
+    return commands.tunnel_start(ctx, args)
+
+
+def _tunnel_list(ctx: Any, args: argparse.Namespace) -> int:
+    from . import commands
+    return commands.tunnel_list(ctx, args)
+
+
+def _tunnel_stop(ctx: Any, args: argparse.Namespace) -> int:
+    from . import commands
+    return commands.tunnel_stop(ctx, args)
+
+
+def _resources(ctx: Any, args: argparse.Namespace) -> int:
+    from . import commands
+    return commands.resources(ctx, args)
+
+
+@hookimpl
+def commander_register_commands(registry: Any) -> None:
+    registry.add("pam launch", _launch, _configure_launch,
+                 help="open an interactive terminal on a resource (credentials stay on the gateway)")
+    registry.add("pam tunnel start", _tunnel_start, _configure_tunnel_start,
+                 help="forward a local TCP port to a resource")
+    registry.add("pam tunnel list", _tunnel_list, _configure_json, help="list open tunnels")
+    registry.add("pam tunnel stop", _tunnel_stop, _configure_tunnel_stop, help="stop one tunnel or all of them")
+    registry.add("pam resources", _resources, _configure_json, help="list the resources you may connect to")
+
+
+@hookimpl
+def pam_connect_timing(event: timing.TimingEvent) -> None:
+    timing.log_event(event)
+
+
+@hookimpl
+def commander_shutdown() -> None:
+    # No pam command ran if commands.py was never imported: nothing to close, nothing to import.
+    commands = sys.modules.get(f"{__package__}.commands")
+    if commands is not None:
+        commands.shutdown()
