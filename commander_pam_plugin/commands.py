@@ -1,39 +1,177 @@
 """Bodies of the pam commands; plugin.py parses arguments and calls these.
 
-Each takes (ctx, args) where ctx is the shell's CommandContext and args the parsed Namespace,
-and returns an exit status. Filled in by the tunnel and launch work.
+Each takes (ctx, args): the shell's CommandContext and the parsed Namespace, and returns an
+exit status or raises PamError with one clear line.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
 from typing import Any
 
 from .errors import PamError
+from .runtime import get_runtime, shutdown_runtime
+from .timing import ConnectTiming, format_table
+from .tunnel import Tunnel
 
 
-def _not_yet(name: str) -> int:
-    raise PamError(f"{name} is not available yet in this build", status=1)
+def _out(ctx: Any) -> Any:
+    return getattr(ctx, "stdout", None) or sys.stdout
+
+
+def _err(ctx: Any) -> Any:
+    return getattr(ctx, "stderr", None) or sys.stderr
+
+
+def _session_event(ctx: Any, kind: str, command: str, resource: str, session_id: str,
+                   reason: str | None = None) -> None:
+    from .hookspecs import SessionEvent
+
+    ctx.hook.pam_session_event(event=SessionEvent(kind=kind, command=command, resource=resource,
+                                                  session_id=session_id, reason=reason))
 
 
 def launch(ctx: Any, args: argparse.Namespace) -> int:
-    return _not_yet("pam launch")
+    from .launch import run_launch
+
+    return run_launch(ctx, args)
 
 
 def tunnel_start(ctx: Any, args: argparse.Namespace) -> int:
-    return _not_yet("pam tunnel start")
+    runtime = get_runtime()
+    total = ConnectTiming("pam-tunnel:total", hook=ctx.hook)
+    timing = total.child("pam-tunnel:webrtc-tunnel")
+    ref = runtime.resolve(ctx.hook, args.resource)
+    timing.checkpoint("resource_resolved")
+    lost = threading.Event()
+
+    def on_lost(tunnel: Tunnel) -> None:
+        lost.set()
+        _session_event(ctx, "failed", "pam tunnel start", tunnel.resource, tunnel.id, tunnel.reason)
+        if ctx.interactive:
+            print(f"\ntunnel {tunnel.id} to {tunnel.resource} lost: {tunnel.reason}", file=_err(ctx), flush=True)
+
+    try:
+        tunnel = runtime.start_tunnel(ctx.hook, ref, args.host, args.port,
+                                      trickle=not args.no_trickle_ice, timing=timing, on_lost=on_lost)
+    except PamError as exc:
+        _session_event(ctx, "failed", "pam tunnel start", ref.name, "", exc.message)
+        raise
+    total.summary("ready")
+    _session_event(ctx, "opened", "pam tunnel start", ref.name, tunnel.id)
+    _print_started(ctx, args, tunnel, total)
+    if args.run:
+        return _run_through(ctx, runtime, tunnel, args.run)
+    if ctx.interactive:
+        return 0
+    return _foreground(ctx, runtime, tunnel, lost)
+
+
+def _print_started(ctx: Any, args: argparse.Namespace, tunnel: Tunnel, total: ConnectTiming) -> None:
+    out = _out(ctx)
+    if args.json:
+        record = tunnel.describe()
+        record["timing"] = [{"label": e.label, "phase": e.phase, "step_ms": round(e.step_ms, 2),
+                             "total_ms": round(e.total_ms, 2)} for e in total.events]
+        print(json.dumps(record), file=out, flush=True)
+    else:
+        print(f"tunnel {tunnel.id}: {tunnel.host}:{tunnel.port} -> {tunnel.resource} "
+              f"(via {tunnel.gateway}, ready in {total.events[-1].total_ms:.0f} ms)", file=out, flush=True)
+    if args.timing:
+        print(format_table(total.events), file=_err(ctx) if args.json else out, flush=True)
+
+
+def _run_through(ctx: Any, runtime: Any, tunnel: Tunnel, command: str) -> int:
+    """Run CMD with {host}/{port} filled in (and PAM_TUNNEL_HOST/PORT set); its status is ours."""
+    try:
+        line = command.format(host=tunnel.host, port=tunnel.port)
+    except (KeyError, IndexError, ValueError):
+        line = command
+    env = dict(os.environ, PAM_TUNNEL_HOST=tunnel.host, PAM_TUNNEL_PORT=str(tunnel.port))
+    try:
+        status = subprocess.call(line, shell=True, env=env)
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        _close(ctx, runtime, tunnel)
+    return status
+
+
+def _foreground(ctx: Any, runtime: Any, tunnel: Tunnel, lost: threading.Event) -> int:
+    """One-shot mode: keep the tunnel until Ctrl-C (status 0) or until it is lost (status 1)."""
+    print("press Ctrl-C to close the tunnel", file=_err(ctx), flush=True)
+    try:
+        lost.wait()
+    except KeyboardInterrupt:
+        _close(ctx, runtime, tunnel)
+        return 0
+    reason = tunnel.reason
+    _close(ctx, runtime, tunnel)
+    raise PamError(f"tunnel {tunnel.id} to {tunnel.resource} lost: {reason}")
+
+
+def _close(ctx: Any, runtime: Any, tunnel: Tunnel) -> None:
+    if tunnel.id in runtime.tunnels:
+        runtime.stop_tunnel(tunnel.id)
+        _session_event(ctx, "closed", "pam tunnel start", tunnel.resource, tunnel.id)
 
 
 def tunnel_list(ctx: Any, args: argparse.Namespace) -> int:
-    return _not_yet("pam tunnel list")
+    runtime = get_runtime()
+    rows = [t.describe() for t in runtime.tunnels.values()]
+    out = _out(ctx)
+    if args.json:
+        print(json.dumps(rows), file=out)
+        return 0
+    if not rows:
+        print("no tunnels", file=out)
+        return 0
+    header = ("ID", "RESOURCE", "LOCAL", "STATE", "CONNS", "BYTES OUT", "BYTES IN", "AGE")
+    table = [header] + [(r["id"], r["resource"], r["local_address"],
+                         r["state"] + (f" ({r['reason']})" if r["reason"] else ""),
+                         str(r["connections"]), str(r["bytes_out"]), str(r["bytes_in"]),
+                         f"{r['age_s']:.0f}s") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip(), file=out)
+    return 0
 
 
 def tunnel_stop(ctx: Any, args: argparse.Namespace) -> int:
-    return _not_yet("pam tunnel stop")
+    runtime = get_runtime()
+    if args.all:
+        stopped = runtime.stop_all()
+    elif args.id:
+        stopped = [runtime.stop_tunnel(args.id)]
+    else:
+        raise PamError("name a tunnel ID or use --all", status=2)
+    for tunnel in stopped:
+        _session_event(ctx, "closed", "pam tunnel start", tunnel.resource, tunnel.id)
+    print(f"stopped {len(stopped)} tunnel{'s' if len(stopped) != 1 else ''}", file=_out(ctx))
+    return 0
 
 
 def resources(ctx: Any, args: argparse.Namespace) -> int:
-    return _not_yet("pam resources")
+    items = get_runtime().router().resources()
+    out = _out(ctx)
+    if args.json:
+        print(json.dumps(items), file=out)
+        return 0
+    if not items:
+        print("no resources available to you", file=out)
+        return 0
+    rows = [("NAME", "KIND", "GATEWAY")] + [(str(r.get("name")), str(r.get("kind")), str(r.get("gateway")))
+                                             for r in items]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip(), file=out)
+    return 0
 
 
 def shutdown() -> None:
     """Close every tunnel, peer and thread the plugin owns (called on shell exit)."""
+    shutdown_runtime()

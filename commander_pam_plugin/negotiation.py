@@ -1,0 +1,473 @@
+"""Signaling: open a WebRTC session with a gateway through the router, in as few round trips as possible.
+
+Self-contained (no shell imports). Rules it keeps, each one a defect of the system it replaces:
+- one keep-alive HTTP session per router and token, one capability check per gateway per session;
+- the conversation stream (WebSocket) starts in parallel with gathering and is awaited only
+  by events, never by a fixed delay; the router keeps early events, so the offer never waits;
+- candidates known before the offer is acknowledged go out in ONE action; a candidate that
+  arrives while that action is in flight lands in a fresh buffer and is sent next, never lost;
+- gateways older than 1.7.0 get one action per candidate and no trickle, said once at DEBUG.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import requests
+import websocket
+
+from . import protocol
+from .errors import PamError
+from .loop import BackgroundLoop
+from .peer import ClientPeer, PeerLost
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 3.0  # TCP connect to the router: an unreachable router fails fast
+READ_TIMEOUT_S = 20.0  # the router itself gives up on a gateway after 15 s
+
+
+@dataclass
+class GatewayInfo:
+    name: str
+    version: str
+    capabilities: tuple[str, ...]
+
+    @property
+    def trickle(self) -> bool:
+        return protocol.CAP_TRICKLE in self.capabilities
+
+    @property
+    def batch(self) -> bool:
+        return protocol.CAP_BATCH in self.capabilities
+
+
+class RouterClient:
+    """A keep-alive HTTP session to one router for one user token."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self.session = requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers["Authorization"] = f"Bearer {token}"
+        self._gateways: dict[str, GatewayInfo] = {}
+        self._lock = threading.Lock()
+        self._legacy_noted: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"RouterClient({self.base_url!r})"
+
+    def _request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        url = self.base_url + path
+        try:
+            response = self.session.request(method, url, json=body,
+                                            timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+        except requests.ConnectionError as exc:
+            raise PamError(f"cannot reach the router at {self.base_url}: {_reason(exc)}") from None
+        except requests.Timeout:
+            raise PamError(f"the router at {self.base_url} did not answer in time") from None
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if response.status_code >= 400 or not isinstance(payload, dict) or not payload.get("ok", False):
+            message = ""
+            if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+                message = str(payload["error"].get("message", ""))
+            raise PamError(f"router: {message or f'HTTP {response.status_code}'}")
+        return payload
+
+    def gateway_info(self, gateway: str) -> GatewayInfo:
+        """Version and capabilities, asked once per gateway for the life of this session."""
+        with self._lock:
+            known = self._gateways.get(gateway)
+        if known is not None:
+            return known
+        payload = self._request("GET", f"/api/v1/gateways/{quote(gateway, safe='')}")
+        info = GatewayInfo(gateway, str(payload.get("version", "0")),
+                           tuple(c for c in payload.get("capabilities", []) if isinstance(c, str)))
+        if protocol.version_tuple(info.version) < protocol.BATCH_SINCE and gateway not in self._legacy_noted:
+            self._legacy_noted.add(gateway)
+            log.debug("gateway %s is %s (< 1.7.0): one action per candidate, no trickle", gateway, info.version)
+        with self._lock:
+            self._gateways[gateway] = info
+        return info
+
+    def forget_gateway(self, gateway: str) -> None:
+        """Drop cached capabilities (the gateway may have been upgraded or restarted)."""
+        with self._lock:
+            self._gateways.pop(gateway, None)
+
+    def action(self, gateway: str, kind: str, conversation_id: str, data: dict[str, Any],
+               trickle: bool) -> dict[str, Any]:
+        body = {"conversation_id": conversation_id, "kind": kind, "data": data, "trickle_ice": trickle}
+        payload = self._request("POST", f"/api/v1/gateways/{quote(gateway, safe='')}/actions", body)
+        result = payload.get("data", {})
+        return result if isinstance(result, dict) else {}
+
+    def resources(self) -> list[dict[str, Any]]:
+        items = self._request("GET", "/api/v1/resources").get("resources", [])
+        return [r for r in items if isinstance(r, dict)]
+
+    def stream_url(self, conversation_id: str) -> str:
+        parts = urlsplit(self.base_url)
+        scheme = "wss" if parts.scheme == "https" else "ws"
+        path = parts.path + f"/api/v1/conversations/{conversation_id}/stream"
+        return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+    def auth_header(self) -> str:
+        return f"Authorization: Bearer {self._token}"
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("Connection refused", "timed out", "Name or service not known", "No route to host"):
+        if marker in text:
+            return marker.lower()
+    return exc.__class__.__name__
+
+
+class StreamListener:
+    """The conversation's WebSocket, read on its own thread; events go to a callback."""
+
+    def __init__(self, router: RouterClient, conversation_id: str,
+                 on_event: Callable[[dict[str, Any]], None]) -> None:
+        self._router = router
+        self._conversation_id = conversation_id
+        self._on_event = on_event
+        self.ready = threading.Event()
+        self.failed: str | None = None
+        self._ws: websocket.WebSocket | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"pam-ws-{conversation_id[:8]}", daemon=True)
+
+    def start(self) -> "StreamListener":
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._ws = websocket.create_connection(
+                self._router.stream_url(self._conversation_id), header=[self._router.auth_header()],
+                timeout=CONNECT_TIMEOUT_S, enable_multithread=True)
+            self._ws.settimeout(None)
+            while not self._closing:
+                text = self._ws.recv()
+                if not text:
+                    break
+                try:
+                    event = json.loads(text)
+                except (TypeError, json.JSONDecodeError):
+                    continue  # plain-text acknowledgements and noise are not events
+                if not isinstance(event, dict):
+                    continue
+                if event.get("type") == "ready":
+                    self.ready.set()
+                    continue
+                self._on_event(event)
+        except Exception as exc:  # the stream is an aid, not the session: report and end
+            if not self._closing:
+                self.failed = f"the conversation stream failed ({exc.__class__.__name__})"
+                log.debug("%s", self.failed)
+                self._on_event({"type": "stream_failed", "message": self.failed})
+        finally:
+            self.ready.set()
+
+    def close(self) -> None:
+        self._closing = True
+        ws = self._ws
+        if ws is not None:
+            try:
+                ws.abort()
+                ws.close(timeout=0.5)
+            except Exception:
+                pass
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(2.0)
+
+
+class CandidateSender:
+    """Sends local candidates: buffered until the offer is acknowledged, then one batch, then live.
+
+    The buffer is swapped under a lock, so a candidate added while a batch is in flight goes into
+    the new buffer and is sent by the next loop turn: none is lost. Live candidates go out at once.
+    """
+
+    def __init__(self, send: Callable[[dict[str, Any]], None], batch: bool) -> None:
+        self._send = send
+        self._batch = batch
+        self._lock = threading.Lock()
+        self._buffer: list[dict[str, Any]] = []
+        self._end = False
+        self._live = False
+        self.actions = 0
+
+    def add(self, candidates: Sequence[dict[str, Any]], end: bool = False) -> None:
+        """New local candidates (and/or end-of-candidates); send now if live, else buffer."""
+        with self._lock:
+            if not self._live:
+                self._buffer.extend(candidates)
+                self._end = self._end or end
+                return
+        self._transmit(list(candidates), end)
+
+    def go_live(self) -> None:
+        """The offer is acknowledged: flush the buffer in one action, then send live."""
+        while True:
+            with self._lock:
+                pending, end = self._buffer, self._end
+                self._buffer, self._end = [], False
+                if not pending and not end:
+                    self._live = True
+                    return
+            self._transmit(pending, end)
+
+    def _transmit(self, candidates: list[dict[str, Any]], end: bool) -> None:
+        if self._batch:
+            for start in range(0, max(len(candidates), 1), protocol.MAX_CANDIDATES_PER_BATCH):
+                chunk = candidates[start:start + protocol.MAX_CANDIDATES_PER_BATCH]
+                last = start + protocol.MAX_CANDIDATES_PER_BATCH >= len(candidates)
+                if len(chunk) == 1 and not (end and last):
+                    self._send({"candidate": chunk[0]})
+                else:
+                    self._send({"candidates": chunk, "end_of_candidates": end and last})
+                self.actions += 1
+            return
+        for candidate in candidates:  # pre-1.7.0: one candidate per action, one after another
+            self._send({"candidate": candidate})
+            self.actions += 1
+        if end:
+            self._send({"candidate": None})
+            self.actions += 1
+
+
+@dataclass
+class ConnectOptions:
+    """How to negotiate; the legacy_* settings reproduce the old client for side-by-side benchmarks."""
+
+    trickle: bool = True
+    # None: candidates ride in the offer when gathering cannot stall (no STUN/TURN servers).
+    candidates_in_offer: bool | None = None
+    timeout_s: float = 15.0
+    legacy_ws_ready_wait: bool = False
+    legacy_backend_delay_s: float = 0.0
+    legacy_per_candidate: bool = False
+
+
+@dataclass
+class Session:
+    """An open WebRTC session with a gateway."""
+
+    loop: BackgroundLoop
+    router: RouterClient
+    gateway: str
+    resource: str
+    conversation_id: str
+    peer: ClientPeer
+    listener: StreamListener
+    trickle: bool
+    candidate_actions: int = 0
+    _closed: bool = field(default=False, repr=False)
+
+    def close(self, notify: bool = True) -> None:
+        """Tell the gateway (best effort), stop the stream and the peer. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if notify and not self.peer.lost.is_set():
+            try:
+                self.router.action(self.gateway, "close", self.conversation_id, {}, self.trickle)
+            except PamError as exc:
+                log.debug("close action failed: %s", exc.message)
+        self.listener.close()
+        try:
+            self.loop.run(self.peer.close(), timeout=5)
+        except Exception as exc:
+            log.debug("peer close: %s", exc)
+
+
+class _Phase:
+    """The phase we are waiting in, so a timeout can name what stalled."""
+
+    def __init__(self, timing: Any) -> None:
+        self.name = "the gateway check"
+        self._timing = timing
+
+    def done(self, checkpoint: str, next_wait: str) -> None:
+        if self._timing is not None:
+            self._timing.checkpoint(checkpoint)
+        self.name = next_wait
+
+
+async def _call(function: Callable[[ClientPeer], None], peer: ClientPeer) -> None:
+    function(peer)  # on the loop thread, where the peer's events fire
+
+
+def new_conversation_id() -> str:
+    return secrets.token_urlsafe(18)
+
+
+def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str, resource: str,
+                 session: protocol.SessionRequest, *, ice_servers: Sequence[Any],
+                 host_addresses: Sequence[str], timing: Any = None,
+                 options: ConnectOptions | None = None,
+                 on_peer: Callable[[ClientPeer], None] | None = None,
+                 on_candidate_action: Callable[[dict[str, Any], CandidateSender], None] | None = None) -> Session:
+    """Negotiate a peer with `gateway` for `resource`; returns once the control channel is open.
+
+    on_peer, if given, is called with the new peer before any remote byte can arrive (to attach
+    channel listeners). on_candidate_action, if given, is called with each icecandidate payload just before it is
+    sent (tests use it to inject a candidate while a batch is in flight).
+    """
+    options = options or ConnectOptions()
+    deadline = time.monotonic() + options.timeout_s
+    phase = _Phase(timing)
+    info = router.gateway_info(gateway)
+    trickle = options.trickle and info.trickle
+    batch = info.batch and not options.legacy_per_candidate
+    phase.done("gateway_check", "the peer to be created")
+
+    conversation_id = new_conversation_id()
+    holder: dict[str, ClientPeer] = {}
+    listener = StreamListener(router, conversation_id, lambda event: _on_stream_event(loop, holder, event, phase))
+    listener.start()
+    try:
+        peer = _run(loop, ClientPeer.create(ice_servers, host_addresses, terminal=session.mode == "terminal"),
+                    deadline, phase, resource, options)
+    except BaseException:
+        listener.close()
+        raise
+    peer.trickle_expected = trickle
+    holder["peer"] = peer
+    if on_peer is not None:
+        loop.run(_call(on_peer, peer))
+    if timing is not None:
+        peer.ice_connected_callback = lambda: timing.checkpoint("ice_connected")
+    result = Session(loop, router, gateway, resource, conversation_id, peer, listener, trickle)
+    try:
+        _negotiate(result, info, batch, session, phase, deadline, options, on_candidate_action)
+    except BaseException:
+        result.close(notify=True)
+        raise
+    return result
+
+
+def _negotiate(result: Session, info: GatewayInfo, batch: bool, session: protocol.SessionRequest,
+               phase: _Phase, deadline: float, options: ConnectOptions,
+               on_candidate_action: Callable[[dict[str, Any], CandidateSender], None] | None) -> None:
+    loop, router, peer, trickle = result.loop, result.router, result.peer, result.trickle
+    gateway, conversation_id, resource = result.gateway, result.conversation_id, result.resource
+    in_offer = True if not trickle else options.candidates_in_offer
+    if in_offer is None:
+        in_offer = not peer.pc.getConfiguration().iceServers
+    sdp = _run(loop, peer.make_offer(gather_first=in_offer), deadline, phase, resource, options)
+    if not in_offer:
+        sdp, _, _ = protocol.split_sdp_candidates(sdp)
+    phase.done("offer_created", "the offer's reply")
+
+    def send_candidates(data: dict[str, Any]) -> None:
+        if on_candidate_action is not None:
+            on_candidate_action(data, sender)
+        router.action(gateway, "icecandidate", conversation_id, data, trickle)
+
+    sender = CandidateSender(send_candidates, batch)
+    if not in_offer:
+        # Gathering finishes on the loop; hand its candidates to a worker thread so the
+        # loop never blocks on HTTP. Before the offer is acknowledged they are buffered.
+        def gathered(future: Any) -> None:
+            if not future.cancelled() and future.exception() is None:
+                loop.loop.run_in_executor(None, sender.add, future.result(), True)
+
+        loop.submit(peer.local_candidates()).add_done_callback(gathered)
+
+    if options.legacy_ws_ready_wait:
+        result.listener.ready.wait(max(0.0, deadline - time.monotonic()))
+        if options.legacy_backend_delay_s:
+            time.sleep(options.legacy_backend_delay_s)  # compatibility profile only, default off
+
+    offer = {"type": "offer", "sdp": sdp, "resource": resource, "session": session.to_json()}
+    reply = router.action(gateway, "offer", conversation_id, offer, trickle)
+    if trickle and not reply.get("sdp"):
+        phase.done("offer_acked", "the answer on the conversation stream")
+    else:
+        answer = reply.get("sdp")
+        if not isinstance(answer, str):
+            raise PamError(f"gateway {gateway} sent no answer to the offer")
+        try:
+            _run(loop, peer.apply_answer(answer), deadline, phase, resource, options)
+        except protocol.ProtocolError as exc:
+            raise PamError(f"gateway {gateway} sent an unusable answer: {exc.message}") from None
+        phase.done("answer_received", "the ICE connection")
+    sender.go_live()
+    result.candidate_actions = sender.actions
+    if sender.actions:
+        phase.done("candidates_sent", phase.name)
+    try:
+        _run(loop, peer.wait_ready(), deadline, phase, resource, options)
+    except PeerLost as exc:
+        raise PamError(f"could not connect to {resource}: {exc or 'the gateway closed the session'}") from None
+    result.candidate_actions = sender.actions
+    phase.done("data_channel_open", "nothing")
+
+
+def _run(loop: BackgroundLoop, coro: Any, deadline: float, phase: _Phase, resource: str,
+         options: ConnectOptions) -> Any:
+    """Run a step on the loop within the connect deadline; a timeout names the phase."""
+    try:
+        return loop.run(coro, timeout=_remaining(deadline, phase, resource, options))
+    except (TimeoutError, concurrent.futures.TimeoutError):
+        raise _timeout(phase, resource, options) from None
+
+
+def _remaining(deadline: float, phase: _Phase, resource: str, options: ConnectOptions) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _timeout(phase, resource, options)
+    return left
+
+
+def _timeout(phase: _Phase, resource: str, options: ConnectOptions) -> PamError:
+    return PamError(f"connecting to {resource} timed out after {options.timeout_s:g} s waiting for {phase.name}")
+
+
+def _on_stream_event(loop: BackgroundLoop, holder: dict[str, ClientPeer], event: dict[str, Any],
+                     phase: _Phase) -> None:
+    """Runs on the listener thread: hand answer/candidates/state to the peer on the loop."""
+    peer = holder.get("peer")
+    if peer is None:
+        return
+    kind = event.get("type")
+    if kind == "answer" and isinstance(event.get("sdp"), str):
+        future = loop.submit(peer.apply_answer(event["sdp"]))
+        future.add_done_callback(lambda f: _report(loop, peer, f, "the gateway's answer was unusable"))
+        phase.done("answer_received", "the ICE connection")
+    elif kind == "candidates" and isinstance(event.get("candidates"), list):
+        future = loop.submit(peer.add_remote_candidates(event["candidates"], bool(event.get("end_of_candidates"))))
+        future.add_done_callback(lambda f: _report(loop, peer, f, "the gateway sent an unusable candidate"))
+    elif kind == "stream_failed":
+        if not peer.ready.is_set() and peer.trickle_expected:
+            loop.call_soon(peer.mark_lost, str(event["message"]))
+    elif kind in ("state", "error"):
+        state = event.get("state")
+        reason = str(event.get("reason") or event.get("message") or state or "error")
+        if kind == "error" or state in ("closed", "failed"):
+            loop.call_soon(peer.mark_lost, reason[:200])
+
+
+def _report(loop: BackgroundLoop, peer: ClientPeer, future: Any, reason: str) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("%s: %s", reason, future.exception())
+        loop.call_soon(peer.mark_lost, reason)

@@ -1,0 +1,191 @@
+"""The plugin's long-lived state in one host process: loop, router sessions, tunnels.
+
+Created on the first pam command and closed by the host's commander_shutdown hook, so
+every peer, listener and thread the plugin started ends with the shell.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import protocol
+from .config import PamConfig, load_config
+from .errors import PamError
+from .loop import BackgroundLoop
+from .negotiation import ConnectOptions, RouterClient, Session, open_session
+from .tunnel import Tunnel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ResourceRef:
+    name: str
+    gateway: str
+    kind: str
+
+
+class PamRuntime:
+    """Owns the background loop, one RouterClient per router, and the tunnel registry."""
+
+    def __init__(self, config: PamConfig) -> None:
+        self.config = config
+        self.loop = BackgroundLoop()
+        self.tunnels: dict[str, Tunnel] = {}
+        self._router: RouterClient | None = None
+        self._embedded: Any = None
+        self._lock = threading.Lock()
+
+    # --- router and resources ------------------------------------------------------------
+
+    def router(self) -> RouterClient:
+        """The configured router, or the embedded local default when none is configured."""
+        with self._lock:
+            if self._router is None:
+                url, token = self.config.router_url, self.config.token
+                if not url:
+                    url, token = self._start_embedded()
+                if not token:
+                    raise PamError("no token configured for the router: set PAM_TOKEN or 'token' in the config file")
+                self._router = RouterClient(url, token)
+            return self._router
+
+    def _start_embedded(self) -> tuple[str, str]:
+        from .embedded_default import start_embedded_default
+
+        self._embedded = start_embedded_default()
+        return self._embedded.router_url, self._embedded.token
+
+    def resolve(self, hook: Any, name: str) -> ResourceRef:
+        """A host's vault (pam_resolve_resource) first, else the router's list for this user."""
+        if not _valid_name(name):
+            raise PamError(f"{name!r} is not a resource name (letters, digits, '.', '_' or '-', at most 64)",
+                           status=2)
+        record = hook.pam_resolve_resource(name=name) if hook is not None else None
+        if isinstance(record, dict) and record.get("gateway"):
+            return ResourceRef(name, str(record["gateway"]), str(record.get("kind", "tcp")))
+        resources = self.router().resources()
+        for item in resources:
+            if item.get("name") == name:
+                return ResourceRef(name, str(item.get("gateway")), str(item.get("kind")))
+        known = ", ".join(sorted(str(r.get("name")) for r in resources)) or "none"
+        raise PamError(f"unknown resource {name!r}; resources you may use: {known}")
+
+    def host_addresses(self, hook: Any) -> tuple[str, ...]:
+        from .rtc import check_host_addresses
+
+        addresses = list(self.config.host_addresses)
+        if hook is not None:
+            chosen = hook.pam_ice_host_addresses(addresses=addresses)
+            if chosen is not None:
+                try:
+                    return check_host_addresses(chosen)
+                except ValueError as exc:
+                    raise PamError(f"pam_ice_host_addresses hook: {exc}") from None
+        return tuple(addresses)
+
+    def ice_servers(self) -> list[Any]:
+        from .rtc import ice_servers_from_config
+
+        try:
+            return ice_servers_from_config(self.config.ice_servers)
+        except ValueError as exc:
+            raise PamError(str(exc)) from None
+
+    # --- sessions --------------------------------------------------------------------------
+
+    def connect(self, hook: Any, ref: ResourceRef, session: protocol.SessionRequest, *, trickle: bool,
+                timing: Any = None, options: ConnectOptions | None = None,
+                on_peer: Callable[[Any], None] | None = None) -> Session:
+        options = options or ConnectOptions(trickle=trickle, timeout_s=self.config.connect_timeout_s)
+        return open_session(self.loop, self.router(), ref.gateway, ref.name, session,
+                            ice_servers=self.ice_servers(), host_addresses=self.host_addresses(hook),
+                            timing=timing, options=options, on_peer=on_peer)
+
+    def start_tunnel(self, hook: Any, ref: ResourceRef, host: str, port: int, *, trickle: bool,
+                     timing: Any = None, on_lost: Callable[[Tunnel], None] | None = None) -> Tunnel:
+        """Bind the local port, negotiate, and serve; returns once the data plane is up."""
+        tunnel = Tunnel(ref.name, ref.gateway, host, port, on_lost=on_lost)
+        try:
+            self.loop.run(tunnel.bind(), timeout=10)
+        except OSError as exc:
+            raise PamError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        if timing is not None:
+            timing.checkpoint("local_listener_bound")
+        try:
+            session = self.connect(hook, ref, protocol.SessionRequest(mode="tunnel"), trickle=trickle,
+                                   timing=timing)
+        except BaseException:
+            self.loop.run(tunnel.stop(), timeout=5)
+            raise
+        self.loop.run(tunnel.attach(session), timeout=5)
+        with self._lock:
+            self.tunnels[tunnel.id] = tunnel
+        return tunnel
+
+    def stop_tunnel(self, tunnel_id: str) -> Tunnel:
+        with self._lock:
+            tunnel = self.tunnels.pop(tunnel_id, None)
+        if tunnel is None:
+            known = ", ".join(sorted(self.tunnels)) or "none"
+            raise PamError(f"no tunnel {tunnel_id!r}; open tunnels: {known}")
+        self._close_tunnel(tunnel)
+        return tunnel
+
+    def _close_tunnel(self, tunnel: Tunnel) -> None:
+        try:
+            self.loop.run(tunnel.stop(), timeout=5)
+        except Exception as exc:
+            log.debug("stopping tunnel %s: %s", tunnel.id, exc)
+        if tunnel.session is not None:
+            tunnel.session.close(notify=tunnel.state != "lost")
+
+    def stop_all(self) -> list[Tunnel]:
+        with self._lock:
+            tunnels = list(self.tunnels.values())
+            self.tunnels.clear()
+        for tunnel in tunnels:
+            self._close_tunnel(tunnel)
+        return tunnels
+
+    def shutdown(self) -> None:
+        """Close every tunnel, the router session, the embedded gateway and the loop thread."""
+        self.stop_all()
+        with self._lock:
+            router, self._router = self._router, None
+            embedded, self._embedded = self._embedded, None
+        if router is not None:
+            router.close()
+        self.loop.stop()
+        if embedded is not None:
+            embedded.stop()
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        protocol.check_name(name, "resource")
+        return True
+    except protocol.ProtocolError:
+        return False
+
+
+_runtime: PamRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def get_runtime() -> PamRuntime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = PamRuntime(load_config())
+        return _runtime
+
+
+def shutdown_runtime() -> None:
+    global _runtime
+    with _runtime_lock:
+        runtime, _runtime = _runtime, None
+    if runtime is not None:
+        runtime.shutdown()

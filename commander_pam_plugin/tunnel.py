@@ -1,0 +1,255 @@
+"""Local TCP forwarding over a gateway peer: one negotiated data channel per accepted connection.
+
+SCTP streams give each connection its own ordered channel, so a slow or failing connection
+never blocks another (no head-of-line blocking), and a connection the target refuses ends
+alone while the tunnel stays up. Runs on the plugin's background loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from aiortc import RTCDataChannel
+from aiortc.exceptions import InvalidStateError
+
+from . import protocol
+from .peer import HIGH_WATER, LOW_WATER, ClientPeer
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 64 * 1024
+OPEN_TIMEOUT_S = 20.0
+EOF_MESSAGE = protocol.control_message("eof")
+
+
+@dataclass
+class TunnelStats:
+    connections_total: int = 0
+    connections_open: int = 0
+    bytes_out: int = 0  # local client -> remote target
+    bytes_in: int = 0  # remote target -> local client
+    refused: int = 0
+    last_error: str = ""
+
+
+class ChannelPump:
+    """Moves bytes between one local TCP connection and one data channel, both ways, with half-close."""
+
+    def __init__(self, channel: RTCDataChannel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 stats: TunnelStats) -> None:
+        self.channel = channel
+        self.reader = reader
+        self.writer = writer
+        self.stats = stats
+        self._inbound: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closed = asyncio.Event()
+        channel.bufferedAmountLowThreshold = LOW_WATER
+        channel.on("bufferedamountlow", self._writable.set)
+        channel.on("message", self._on_message)
+        channel.on("close", self._on_close)
+
+    def _on_message(self, message: Any) -> None:
+        if isinstance(message, bytes):
+            self.stats.bytes_in += len(message)
+            self._inbound.put_nowait(message)
+            return
+        try:
+            op = protocol.parse_control_message(message)
+        except protocol.ProtocolError:
+            return
+        if op["op"] == "eof":
+            self._inbound.put_nowait(None)
+        elif op["op"] == "error":
+            self.stats.last_error = str(op.get("reason", "stream error"))[:200]
+            self._on_close()
+
+    def _on_close(self) -> None:
+        self._closed.set()
+        self._writable.set()
+        self._inbound.put_nowait(None)
+
+    async def run(self) -> None:
+        upstream = asyncio.ensure_future(self._upstream())
+        downstream = asyncio.ensure_future(self._downstream())
+        try:
+            await downstream  # ends on the remote's EOF, or when the channel closes
+            if self._closed.is_set():
+                upstream.cancel()
+            await asyncio.gather(upstream, return_exceptions=True)
+        finally:
+            upstream.cancel()
+            downstream.cancel()
+            if self.channel.readyState == "open":
+                self.channel.close()
+            self.writer.close()
+
+    async def _upstream(self) -> None:
+        """Local -> channel, pausing while the channel's buffer is over the high-water mark."""
+        try:
+            while not self._closed.is_set():
+                data = await self.reader.read(READ_CHUNK)
+                if self._closed.is_set():
+                    return
+                if not data:
+                    self.channel.send(EOF_MESSAGE)
+                    return
+                self.channel.send(data)
+                self.stats.bytes_out += len(data)
+                if self.channel.bufferedAmount > HIGH_WATER:
+                    self._writable.clear()
+                    await self._writable.wait()
+        except InvalidStateError:
+            self._on_close()
+        except (ConnectionError, OSError) as exc:
+            self._fail(f"local connection failed: {exc.__class__.__name__}")
+
+    async def _downstream(self) -> None:
+        """Channel -> local, in order, with the local socket's own back-pressure."""
+        try:
+            while True:
+                data = await self._inbound.get()
+                if data is None:
+                    if not self._closed.is_set() and self.writer.can_write_eof():
+                        self.writer.write_eof()
+                    return
+                self.writer.write(data)
+                await self.writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self._fail(f"local connection failed: {exc.__class__.__name__}")
+
+    def _fail(self, reason: str) -> None:
+        if self.channel.readyState == "open":
+            self.channel.send(protocol.control_message("error", reason=reason))
+            self.channel.close()
+        self._on_close()
+
+
+_tunnel_ids = itertools.count(1)
+
+
+@dataclass
+class Tunnel:
+    """One `pam tunnel start`: a local listener bound to one gateway peer."""
+
+    resource: str
+    gateway: str
+    host: str
+    port: int = 0
+    id: str = field(default_factory=lambda: f"t{next(_tunnel_ids)}")
+    state: str = "connecting"
+    reason: str = ""
+    started: float = field(default_factory=time.time)
+    stats: TunnelStats = field(default_factory=TunnelStats)
+    session: Any = None  # negotiation.Session once connected
+    on_lost: Callable[["Tunnel"], None] | None = None
+    _server: asyncio.AbstractServer | None = None
+    _ready: asyncio.Event | None = None
+    _pending: dict[int, asyncio.Future[str | None]] = field(default_factory=dict)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _watch: asyncio.Task[None] | None = None
+
+    async def bind(self) -> int:
+        """Bind the local listener first, so a busy port fails before any signaling."""
+        self._ready = asyncio.Event()
+        self._server = await asyncio.start_server(self._accept, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def attach(self, session: Any) -> None:
+        """The data plane is up: start serving connections over `session.peer`."""
+        self.session = session
+        peer: ClientPeer = session.peer
+        peer.on_control(self._on_control)
+        self.state = "up"
+        assert self._ready is not None
+        self._ready.set()
+        self._watch = asyncio.ensure_future(self._watch_peer(peer))
+
+    async def _watch_peer(self, peer: ClientPeer) -> None:
+        await peer.lost.wait()
+        if self.state == "up":
+            self.state = "lost"
+            self.reason = peer.lost_reason or "the gateway went away"
+            await self._stop_serving()
+            if self.on_lost is not None:
+                self.on_lost(self)
+
+    def _on_control(self, message: dict[str, Any]) -> None:
+        stream_id = message.get("id")
+        future = self._pending.get(stream_id) if isinstance(stream_id, int) else None
+        if future is None or future.done():
+            return
+        if message["op"] == "opened":
+            future.set_result(None)
+        elif message["op"] == "refused":
+            future.set_result(str(message.get("reason") or "refused by the target"))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None and self._ready is not None
+        self._tasks.add(task)
+        self.stats.connections_total += 1
+        self.stats.connections_open += 1
+        try:
+            await self._ready.wait()
+            if self.state != "up":
+                return
+            peer: ClientPeer = self.session.peer
+            channel = peer.open_stream()
+            future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            self._pending[channel.id] = future
+            peer.send_control("open", id=channel.id)
+            try:
+                refusal = await asyncio.wait_for(future, OPEN_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                refusal = "the gateway did not open the connection in time"
+            finally:
+                self._pending.pop(channel.id, None)
+            if refusal is not None:
+                self.stats.refused += 1
+                self.stats.last_error = refusal[:200]
+                log.info("tunnel %s: connection refused: %s", self.id, refusal)
+                channel.close()
+                return
+            await ChannelPump(channel, reader, writer, self.stats).run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # one connection's failure never takes the tunnel down
+            self.stats.last_error = f"{exc.__class__.__name__}: {exc}"[:200]
+            log.debug("tunnel %s connection failed", self.id, exc_info=True)
+        finally:
+            self.stats.connections_open -= 1
+            writer.close()
+            self._tasks.discard(task)
+
+    async def _stop_serving(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Close the listener and every connection; the peer is closed by the caller."""
+        if self.state != "lost":
+            self.state = "stopped"
+        if self._watch is not None:
+            self._watch.cancel()
+        await self._stop_serving()
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "resource": self.resource, "gateway": self.gateway,
+                "local_address": f"{self.host}:{self.port}", "host": self.host, "port": self.port,
+                "state": self.state, "reason": self.reason,
+                "connections": self.stats.connections_open, "connections_total": self.stats.connections_total,
+                "bytes_out": self.stats.bytes_out, "bytes_in": self.stats.bytes_in,
+                "refused": self.stats.refused, "age_s": round(time.time() - self.started, 1)}
