@@ -385,6 +385,19 @@ def _parse_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return opts, words
 
 
+def _start(pm: pluggy.PluginManager, ctx: CommandContext) -> CommandRegistry:
+    """Collect every plugin's commands and announce start-up; a failing plugin is one line."""
+    registry = CommandRegistry()
+    _add_builtins(registry)
+    try:
+        pm.hook.commander_register_commands(registry=registry)
+        pm.hook.commander_startup(context=ctx)
+    except Exception as err:
+        log.debug("plugin start-up failed", exc_info=True)
+        raise PamError(f"plugin start-up failed: {type(err).__name__}: {err}", status=USAGE) from None
+    return registry
+
+
 def _open_history() -> Callable[[], None]:
     """Load the prompt history if readline exists; returns the function that saves it."""
     try:
@@ -478,13 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pm = load_plugins(opts.plugin)
         interactive = not opts.lines and not words and sys.stdin.isatty()
         ctx = CommandContext(pm.hook, pm, interactive, stdout, stderr, host_log)
-        registry = CommandRegistry()
-        _add_builtins(registry)
-        try:
-            pm.hook.commander_register_commands(registry=registry)
-        except ValueError as err:
-            raise PamError(f"a plugin's commands clash: {err}", status=USAGE) from None
-        pm.hook.commander_startup(context=ctx)
+        registry = _start(pm, ctx)
         if opts.lines:
             for line in opts.lines:
                 status = run_line(ctx, registry, line)

@@ -136,6 +136,7 @@ def test_dash_c_runs_in_order_and_stops_at_first_failure(capsys):
     status, out, err = run(capsys, "-c", "demo mode", "-c", "demo fail --status 4", "-c", "demo mode")
     assert (status, out, err) == (4, "interactive=False\n", "error: it failed\n")
     assert run(capsys, "-c", 'demo connect "unbalanced')[0] == 2
+    assert run(capsys, "-c", "exit", "-c", "demo mode") == (0, "", "")
 
 
 def test_debug_toggles_console_and_main_restores_logging(capsys):
@@ -159,7 +160,7 @@ def test_debug_file_that_cannot_be_opened(capsys, tmp_path):
      "@hookimpl\ndef commander_no_such_hook():\n    pass\n", "unknown hook 'commander_no_such_hook'"),
     ("from commander_pam_plugin.hookspecs import hookimpl\n"
      "@hookimpl\ndef commander_register_commands(registry):\n    registry.add('help', print)\n",
-     "a plugin's commands clash: command 'help' is registered twice"),
+     "plugin start-up failed: ValueError: command 'help' is registered twice"),
 ])
 def test_bad_plugin_file_is_one_line_and_status_2(capsys, tmp_path, source, expected):
     path = tmp_path / "plugin.py"
