@@ -1,0 +1,200 @@
+"""`pam-gateway`: run the router, the gateway agent, or both; write a starter config.
+
+A bad config is one line on stderr and exit status 2; Ctrl-C and SIGTERM shut down cleanly
+(sessions closed, sockets released) with status 0.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from .config import ConfigError, load_config
+
+log = logging.getLogger("pam_gateway")
+DEFAULT_CONFIG = "pam-gateway.toml"
+
+STARTER = """\
+# pam-gateway configuration (docs/GATEWAY.md). Keep this file private: it holds tokens
+# and the credentials of your resources. Written with mode 0600.
+
+[router]
+listen = "127.0.0.1:8470"
+
+[[users]]
+name = "{user}"
+token = "{user_token}"
+
+[gateway]
+name = "gateway-1"
+token = "{gateway_token}"
+router_url = "http://127.0.0.1:8470"
+host_addresses = ["127.0.0.1"]
+ice_servers = []
+recordings_dir = "recordings"
+
+# A TCP resource for `pam tunnel start`:
+# [[resources]]
+# name = "db"
+# kind = "tcp"
+# host = "127.0.0.1"
+# port = 5432
+
+# An SSH resource for `pam launch` (the user never sees the password):
+# [[resources]]
+# name = "web-1"
+# kind = "ssh"
+# host = "127.0.0.1"
+# port = 22
+# username = "deploy"
+# password = "..."              # or private_key = "/path/to/key"
+# known_hosts = "~/.ssh/known_hosts"
+# users = ["{user}"]
+# record = true
+"""
+
+
+def _starter_user() -> str:
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        return "user"
+    return name if name.isascii() and name.replace("-", "").replace("_", "").replace(".", "").isalnum() else "user"
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if args.force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        print(f"pam-gateway: error: {path} exists; use --force to overwrite it", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"pam-gateway: error: cannot write {path} ({exc.strerror})", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(fd, 0o600)
+        handle.write(STARTER.format(user=_starter_user(), user_token=secrets.token_urlsafe(32),
+                                    gateway_token=secrets.token_urlsafe(32)))
+    print(f"wrote {path} (mode 0600); start it with: pam-gateway serve --config {path}")
+    return 0
+
+
+async def _until_signal(start: Callable[[], Awaitable[Callable[[], Awaitable[None]]]]) -> int:
+    """Run what start() starts until SIGINT/SIGTERM, then await the stop it returned."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        close = await start()
+    except OSError as exc:
+        print(f"pam-gateway: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        await close()
+    return 0
+
+
+def _load(args: argparse.Namespace, need_gateway: bool):
+    config = load_config(args.config)
+    if need_gateway and config.gateway is None:
+        raise ConfigError(f"{config.source}: gateway: this command needs a [gateway] table")
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .embedded import start_stack
+
+    config = _load(args, need_gateway=True)
+
+    async def start():
+        stack = await start_stack(config)
+        return stack.close
+
+    return asyncio.run(_until_signal(start))
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from .embedded import start_stack
+
+    config = _load(args, need_gateway=False)
+
+    async def start():
+        stack = await start_stack(config, with_agent=False)
+        return stack.close
+
+    return asyncio.run(_until_signal(start))
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .agent import GatewayAgent
+
+    config = _load(args, need_gateway=True)
+    url = args.router or config.gateway.router_url
+    if not url:
+        raise ConfigError(f"{config.source}: gateway.router_url: is required (or pass --router URL)")
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"--router: {url!r} must start with http:// or https://")
+
+    async def start():
+        agent = GatewayAgent(config.gateway, url)
+        task = asyncio.ensure_future(agent.run())
+
+        async def close() -> None:
+            await agent.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return close
+
+    return asyncio.run(_until_signal(start))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pam-gateway",
+                                     description="Reference signaling router and gateway for pam launch/tunnel.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG (never logs secrets)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", required=True, metavar="FILE", help="TOML config (see docs/GATEWAY.md)")
+        return sub
+
+    with_config("serve", "run the router and the gateway agent in one process").set_defaults(func=cmd_serve)
+    with_config("router", "run only the router").set_defaults(func=cmd_router)
+    agent = with_config("agent", "run only the gateway agent, dialling a router")
+    agent.add_argument("--router", metavar="URL", help="router base URL (default: gateway.router_url)")
+    agent.set_defaults(func=cmd_agent)
+    init = commands.add_parser("init", help="write a starter config with fresh random tokens",
+                               description="write a starter config with fresh random tokens (mode 0600)")
+    init.add_argument("--path", default=DEFAULT_CONFIG, metavar="FILE", help=f"where (default: {DEFAULT_CONFIG})")
+    init.add_argument("--force", action="store_true", help="overwrite an existing file")
+    init.set_defaults(func=cmd_init)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"pam-gateway: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

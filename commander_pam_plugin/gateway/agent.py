@@ -1,0 +1,292 @@
+"""The gateway agent: dials the router, answers actions, runs one answerer per conversation.
+
+The gateway dials out (it may sit behind NAT) and keeps dialling, with exponential backoff
+and jitter, whenever the router goes away; live sessions do not depend on the router link.
+Actions are handled concurrently, so one slow offer never holds up another conversation.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from ..protocol import (ALL_CAPABILITIES, CAP_BATCH, CAP_TRICKLE, GATEWAY_VERSION, MAX_WS_MESSAGE_BYTES,
+                        Action, CandidateBatch, ProtocolError, validate_action, validate_icecandidate_data,
+                        validate_offer_data)
+from .answerer import AnswerSession
+from .config import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+LEGACY_VERSION = "1.6.0"
+HEARTBEAT_S = 10.0
+WELCOME_TIMEOUT_S = 10.0
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 10.0
+MAX_SESSIONS = 256
+OUTBOX_LIMIT = 1024
+# Candidates for a conversation whose offer has not arrived yet (a client may race them).
+EARLY_CONVERSATIONS = 64
+EARLY_CANDIDATES = 256
+EARLY_TTL_S = 60.0
+CANDIDATE_HISTORY = 256
+
+
+class RouterRefused(Exception):
+    """The router closed the link instead of welcoming us (bad name or token)."""
+
+
+@dataclass
+class _EarlyCandidates:
+    user: str
+    items: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    end: bool = False
+    created: float = field(default_factory=time.monotonic)
+
+
+class GatewayAgent:
+    """Connects to the router and serves actions until stop()."""
+
+    def __init__(self, settings: GatewaySettings, router_url: str | None = None) -> None:
+        url = router_url or settings.router_url
+        if not url:
+            raise ValueError("the gateway needs a router URL (gateway.router_url or --router)")
+        self.settings = settings
+        self.router_url = url.rstrip("/")
+        self.name = settings.name
+        self.version = LEGACY_VERSION if settings.legacy else GATEWAY_VERSION
+        default_caps: tuple[str, ...] = () if settings.legacy else ALL_CAPABILITIES
+        self.capabilities = list(settings.capabilities if settings.capabilities is not None else default_caps)
+        self.sessions: dict[str, AnswerSession] = {}
+        # Remote candidates applied per conversation (kept after a session ends, for tests).
+        self.applied_candidates: OrderedDict[str, list[dict[str, str]]] = OrderedDict()
+        self.online = asyncio.Event()
+        self._early: OrderedDict[str, _EarlyCandidates] = OrderedDict()
+        self._outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX_LIMIT)
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    # --- router link -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Stay connected until stop(): reconnect with exponential backoff and jitter."""
+        delay = BACKOFF_MIN_S
+        async with aiohttp.ClientSession() as http:
+            while not self._stopping.is_set():
+                try:
+                    if await self._serve_link(http):
+                        delay = BACKOFF_MIN_S
+                except RouterRefused as exc:
+                    log.error("router %s refused gateway %s: %s", self.router_url, self.name, exc)
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                    log.warning("router %s unreachable (%s)", self.router_url, exc.__class__.__name__)
+                if self._stopping.is_set():
+                    break
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.5, 1.0))
+                except asyncio.TimeoutError:
+                    pass
+                delay = min(delay * 2, BACKOFF_MAX_S)
+
+    async def _serve_link(self, http: aiohttp.ClientSession) -> bool:
+        """One connection: hello, welcome, then actions until it drops. True if welcomed."""
+        headers = {"Authorization": f"Bearer {self.settings.token}"}
+        async with http.ws_connect(f"{self.router_url}/api/v1/gateway/connect", headers=headers,
+                                   heartbeat=HEARTBEAT_S, max_msg_size=MAX_WS_MESSAGE_BYTES) as ws:
+            await ws.send_json({"type": "hello", "gateway": self.name, "version": self.version,
+                                "capabilities": self.capabilities})
+            message = await asyncio.wait_for(ws.receive(), WELCOME_TIMEOUT_S)
+            if message.type != aiohttp.WSMsgType.TEXT or _message_type(message.data) != "welcome":
+                raise RouterRefused(f"close code {ws.close_code}")
+            self._ws = ws
+            self.online.set()
+            log.info("gateway %s online at %s (version %s)", self.name, self.router_url, self.version)
+            writer = asyncio.ensure_future(self._write(ws))
+            try:
+                async for message in ws:
+                    if message.type == aiohttp.WSMsgType.TEXT:
+                        self._dispatch(message.data)
+            finally:
+                self.online.clear()
+                self._ws = None
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+            if not self._stopping.is_set():
+                log.warning("gateway %s lost the router link (code %s); reconnecting", self.name, ws.close_code)
+            return True
+
+    async def _write(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """The only writer on the link, so replies and events keep their order."""
+        while True:
+            text = await self._outbox.get()
+            await ws.send_str(text)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self._outbox.put_nowait(json.dumps(message, separators=(",", ":")))
+        except asyncio.QueueFull:
+            log.warning("gateway %s: router link backlog full; dropping a %s", self.name, message.get("type"))
+
+    def emit(self, conversation_id: str, event: dict[str, Any]) -> None:
+        """Send a conversation event; the router relays it to the owner's stream."""
+        self._send({"type": "event", "conversation_id": conversation_id, "event": event})
+
+    async def stop(self) -> None:
+        """Close every session and the router link."""
+        self._stopping.set()
+        await asyncio.gather(*(s.close("gateway shutting down") for s in list(self.sessions.values())),
+                             return_exceptions=True)
+        if self._ws is not None:
+            await self._ws.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # --- actions ---------------------------------------------------------------------------
+
+    def _dispatch(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError:
+            log.warning("gateway %s: router sent a frame that is not JSON", self.name)
+            return
+        if not isinstance(message, dict) or message.get("type") != "action":
+            return
+        task = asyncio.ensure_future(self._handle(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        request_id = message.get("id")
+        user = message.get("user")
+        followup = None
+        try:
+            if not isinstance(request_id, int) or not isinstance(user, str) or not user:
+                raise ProtocolError(400, "action needs an integer id and a user")
+            action = validate_action({k: message.get(k) for k in ("conversation_id", "kind", "data", "trickle_ice")})
+            data, followup = await self._perform(action, user)
+            reply = {"type": "reply", "id": request_id, "ok": True, "data": data}
+        except ProtocolError as exc:
+            reply = {"type": "reply", "id": request_id, "ok": False, "status": exc.status,
+                     "error": self.settings.redact(exc.message)}
+        except Exception:
+            log.exception("gateway %s: %s action failed", self.name, message.get("kind"))
+            reply = {"type": "reply", "id": request_id, "ok": False, "status": 500,
+                     "error": "the gateway failed to handle this action; see its log"}
+        self._send(reply)
+        if followup is not None:
+            await followup
+
+    async def _perform(self, action: Action, user: str) -> tuple[dict[str, Any], Any]:
+        """The reply data, and work to do once the reply is sent (trickle answers)."""
+        if action.kind == "ping":
+            return {"pong": True}, None
+        if action.kind == "resources":
+            return {"resources": [r.public(self.name) for r in self.settings.resources if r.allows(user)]}, None
+        if action.kind == "offer":
+            return await self._offer(action, user)
+        session = self.sessions.get(action.conversation_id)
+        if session is not None and session.user != user:
+            raise ProtocolError(403, f"conversation {action.conversation_id} belongs to another user", "forbidden")
+        if action.kind == "icecandidate":
+            return {"applied": await self._candidates(action, user, session)}, None
+        # close
+        self._early.pop(action.conversation_id, None)
+        if session is not None:
+            await session.close("closed by client")
+        return {"closed": True}, None
+
+    async def _offer(self, action: Action, user: str) -> tuple[dict[str, Any], Any]:
+        offer = validate_offer_data(action.data)
+        resource = self.settings.resource(offer.resource)
+        if resource is None:
+            raise ProtocolError(404, f"gateway {self.name} has no resource named {offer.resource}", "not_found")
+        if not resource.allows(user):
+            raise ProtocolError(403, f"user {user} may not use resource {resource.name}", "forbidden")
+        if offer.session.mode == "terminal" and resource.kind != "ssh":
+            raise ProtocolError(400, f"resource {resource.name} is a {resource.kind} resource; "
+                                     "terminal mode needs an ssh resource")
+        cid = action.conversation_id
+        if cid in self.sessions:
+            raise ProtocolError(409, f"conversation {cid} already has an offer", "conflict")
+        if len(self.sessions) >= MAX_SESSIONS:
+            raise ProtocolError(503, f"gateway {self.name} is at its limit of {MAX_SESSIONS} sessions",
+                                "unavailable")
+        session = AnswerSession(cid, user, resource, offer.session, self.settings,
+                                lambda event: self.emit(cid, event), self._session_ended)
+        self.sessions[cid] = session
+        self.applied_candidates[cid] = session.remote_candidates
+        while len(self.applied_candidates) > CANDIDATE_HISTORY:
+            self.applied_candidates.popitem(last=False)
+        early = self._early.pop(cid, None)
+        try:
+            if early is not None and early.user == user:
+                for wire, via in early.items:
+                    await session.add_candidates(CandidateBatch([wire], False), via)
+                await session.add_candidates(CandidateBatch([], early.end), "batch")
+            await session.apply_offer(offer.sdp)
+            if action.trickle_ice and CAP_TRICKLE in self.capabilities:
+                return {"accepted": True}, self._answer_later(session)
+            return {"type": "answer", "sdp": await session.create_answer()}, None
+        except ProtocolError:
+            await session.close("offer refused", "failed")
+            raise
+        except Exception as exc:
+            await session.close("offer refused", "failed")
+            raise ProtocolError(400, f"the offer could not be applied ({exc.__class__.__name__})") from None
+
+    async def _answer_later(self, session: AnswerSession) -> None:
+        """Trickle mode: the answer goes on the conversation stream after the 'accepted' reply."""
+        try:
+            sdp = await session.create_answer()
+        except Exception as exc:
+            log.warning("conversation %s: answer failed (%s)", session.conversation_id, exc.__class__.__name__)
+            self.emit(session.conversation_id, {"type": "error", "message": "the gateway could not answer"})
+            await session.close("answer failed", "failed")
+            return
+        self.emit(session.conversation_id, {"type": "answer", "sdp": sdp})
+
+    async def _candidates(self, action: Action, user: str, session: AnswerSession | None) -> int:
+        batch = validate_icecandidate_data(action.data, batch_allowed=CAP_BATCH in self.capabilities)
+        via = "batch" if "candidates" in action.data else "single"
+        if session is not None:
+            return await session.add_candidates(batch, via)
+        return self._hold_early(action.conversation_id, user, batch.candidates, batch.end_of_candidates, via)
+
+    def _hold_early(self, cid: str, user: str, candidates: list[dict[str, Any]], end: bool, via: str) -> int:
+        """Keep candidates that beat their offer here (bounded, 60 s), never drop them silently."""
+        now = time.monotonic()
+        for key in [k for k, v in self._early.items() if now - v.created > EARLY_TTL_S]:
+            del self._early[key]
+        early = self._early.get(cid)
+        if early is None:
+            if len(self._early) >= EARLY_CONVERSATIONS:
+                self._early.popitem(last=False)
+            early = self._early[cid] = _EarlyCandidates(user)
+        elif early.user != user:
+            raise ProtocolError(403, f"conversation {cid} belongs to another user", "forbidden")
+        if len(early.items) + len(candidates) > EARLY_CANDIDATES:
+            raise ProtocolError(400, f"more than {EARLY_CANDIDATES} candidates before the offer")
+        early.items.extend((c, via) for c in candidates)
+        early.end = early.end or end
+        return len(candidates)
+
+    def _session_ended(self, session: AnswerSession) -> None:
+        if self.sessions.get(session.conversation_id) is session:
+            del self.sessions[session.conversation_id]
+
+
+def _message_type(text: str) -> Any:
+    try:
+        message = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return message.get("type") if isinstance(message, dict) else None

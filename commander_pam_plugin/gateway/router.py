@@ -1,0 +1,509 @@
+"""The signaling router: client actions over HTTP, conversation streams and gateway links.
+
+Clients POST actions with a bearer token; the router forwards each to the gateway's
+WebSocket and returns its reply. Every input is validated with protocol.py, every failure is
+a JSON error with one line of reason, and an offline gateway is reported at once, by name.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import json
+import logging
+import math
+import socket
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from aiohttp import WSMsgType, web
+
+from ..protocol import (MAX_BODY_BYTES, MAX_CONVERSATIONS_PER_USER, MAX_WS_MESSAGE_BYTES, PROTOCOL_VERSION,
+                        Action, ProtocolError, check_conversation_id, check_name, parse_json_body,
+                        validate_action)
+from .config import RouterSettings
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 10.0
+HELLO_TIMEOUT_S = 10.0
+EARLY_EVENTS = 64
+EARLY_EVENT_TTL_S = 60.0
+STATS_HISTORY = 4096
+EVENT_TYPES = ("answer", "candidates", "state", "error")
+CLOSE_BAD_CREDENTIALS = 4401
+CLOSE_BAD_HELLO = 4400
+CLOSE_REPLACED = 4409
+_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+          409: "conflict", 413: "too_large", 429: "rate_limited", 500: "internal", 502: "bad_gateway",
+          503: "unavailable", 504: "gateway_timeout"}
+
+
+class HttpError(ProtocolError):
+    """A ProtocolError that also sets response headers (WWW-Authenticate, Retry-After)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, code or _CODES.get(status, "error"))
+        self.headers = headers or {}
+
+
+def _error_response(exc: ProtocolError) -> web.Response:
+    return web.json_response(exc.to_json(), status=exc.status, headers=getattr(exc, "headers", None))
+
+
+class TokenBucket:
+    """Per-token action rate limit: `rate` per second, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def take(self) -> float:
+        """0 if allowed, else the seconds until one action is allowed again."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass
+class GatewayLink:
+    """An online gateway: its WebSocket, what it announced, and actions awaiting replies."""
+
+    name: str
+    ws: web.WebSocketResponse
+    version: str
+    capabilities: list[str]
+    pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+
+    def fail_pending(self, message: str) -> None:
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(HttpError(503, message, "gateway_offline"))
+        self.pending.clear()
+
+
+class _StreamOut:
+    """Ordered delivery to one client stream, so a slow client never blocks a gateway link."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def put(self, event: dict[str, Any]) -> None:
+        self.queue.put_nowait(event)
+
+    def finish(self) -> None:
+        self.queue.put_nowait(None)
+
+    async def run(self) -> None:
+        try:
+            while (event := await self.queue.get()) is not None:
+                await self.ws.send_json(event)
+        except (ConnectionError, RuntimeError):
+            return
+        await self.ws.close()
+
+
+@dataclass
+class Conversation:
+    id: str
+    owner: str
+    gateway: str | None = None
+    stream: _StreamOut | None = None
+    early: deque[tuple[float, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=EARLY_EVENTS))
+
+    def deliver(self, event: dict[str, Any]) -> None:
+        if self.stream is not None:
+            self.stream.put(event)
+        else:
+            self.early.append((time.monotonic(), event))
+
+    def attach(self, stream: _StreamOut) -> None:
+        """A new stream gets 'ready', then every event kept while none was open."""
+        if self.stream is not None:
+            self.stream.finish()
+        self.stream = stream
+        stream.put({"type": "ready"})
+        horizon = time.monotonic() - EARLY_EVENT_TTL_S
+        for stamp, event in self.early:
+            if stamp >= horizon:
+                stream.put(event)
+        self.early.clear()
+
+
+class Router:
+    """The aiohttp application and its state; start() serves it on one address."""
+
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.gateways: dict[str, GatewayLink] = {}
+        self.conversations: dict[str, Conversation] = {}
+        # Valid actions received, per kind and per conversation (benchmarks count icecandidate).
+        self.stats: Counter[str] = Counter()
+        self.conversation_stats: OrderedDict[str, Counter[str]] = OrderedDict()
+        self.url: str | None = None
+        self._known_gateways = {g.name: g for g in settings.gateways}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._ids = itertools.count(1)
+        self._observers: list[Callable[[str, str, str], None]] = []
+        self._sockets: set[web.WebSocketResponse] = set()
+        self._runner: web.AppRunner | None = None
+        self.app = self._build_app()
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors])
+        app.add_routes([
+            web.get("/api/v1/health", self._health),
+            web.get("/api/v1/resources", self._resources),
+            web.get("/api/v1/gateways/{gateway}", self._gateway_status),
+            web.post("/api/v1/gateways/{gateway}/actions", self._action),
+            web.get("/api/v1/conversations/{conversation_id}/stream", self._stream),
+            web.get("/api/v1/gateway/connect", self._gateway_connect),
+        ])
+        app.on_shutdown.append(self._close_sockets)
+        return app
+
+    def observe(self, callback: Callable[[str, str, str], None]) -> None:
+        """callback(gateway, direction 'in'|'out', frame) for every gateway-link frame (diagnostics)."""
+        self._observers.append(callback)
+
+    async def start(self, host: str | None = None, port: int | None = None) -> str:
+        """Serve on host:port (port 0: any free port); returns the base URL."""
+        host = host or self.settings.host
+        port = self.settings.port if port is None else port
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, f"cannot listen on {host}:{port} ({exc.strerror})") from None
+        self._runner = web.AppRunner(self.app, shutdown_timeout=2.0)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock).start()
+        bound = sock.getsockname()[1]
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+        log.info("router listening on %s", self.url)
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _close_sockets(self, app: web.Application) -> None:
+        await asyncio.gather(*(ws.close(code=1001, message=b"router shutting down") for ws in list(self._sockets)),
+                             return_exceptions=True)
+
+    # --- errors, auth, limits --------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        """ProtocolError -> its status; aiohttp's HTML errors -> JSON; anything else -> JSON 500."""
+        try:
+            return await handler(request)
+        except ProtocolError as exc:
+            return _error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error_response(HttpError(exc.status, _http_reason(exc, request)))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("router: unexpected error on %s %s", request.method, request.path[:200])
+            return _error_response(HttpError(500, "internal error in the router; see its log"))
+
+    def _user(self, request: web.Request) -> str:
+        """The user whose token this is; every token is compared in constant time."""
+        token = _bearer(request)
+        found = None
+        for user in self.settings.users:
+            if hmac.compare_digest(token, user.token.encode()):
+                found = user.name
+        if found is None:
+            raise HttpError(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    def _rate_limit(self, user: str) -> None:
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            bucket = self._buckets[user] = TokenBucket(self.settings.rate_limit, self.settings.rate_burst)
+        wait = bucket.take()
+        if wait:
+            raise HttpError(429, f"too many actions; retry in {wait:.2f} s",
+                            headers={"Retry-After": str(max(1, math.ceil(wait)))})
+
+    def _known(self, name: str) -> str:
+        try:
+            check_name(name, "gateway")
+        except ProtocolError:
+            raise HttpError(404, "unknown gateway") from None
+        if name not in self._known_gateways:
+            raise HttpError(404, f"unknown gateway {name}")
+        return name
+
+    def _online(self, name: str) -> GatewayLink:
+        link = self.gateways.get(name)
+        if link is None:
+            raise HttpError(503, f"gateway {name} is offline (not connected to this router)", "gateway_offline")
+        return link
+
+    def _bind(self, conversation_id: str, user: str, gateway: str | None) -> tuple[Conversation, bool]:
+        """The conversation, bound to the first user who touches it; (conversation, newly bound)."""
+        conversation = self.conversations.get(conversation_id)
+        created = conversation is None
+        if conversation is None:
+            owned = sum(1 for c in self.conversations.values() if c.owner == user)
+            if owned >= MAX_CONVERSATIONS_PER_USER:
+                raise HttpError(429, f"user {user} has {owned} open conversations; close some first")
+            conversation = self.conversations[conversation_id] = Conversation(conversation_id, user)
+        elif not hmac.compare_digest(conversation.owner.encode(), user.encode()):
+            raise HttpError(403, f"conversation {conversation_id} belongs to another user")
+        if gateway is not None:
+            if conversation.gateway is None:
+                conversation.gateway = gateway
+            elif conversation.gateway != gateway:
+                raise HttpError(409, f"conversation {conversation_id} is in use with gateway {conversation.gateway}")
+        return conversation, created
+
+    def _drop(self, conversation_id: str) -> None:
+        conversation = self.conversations.pop(conversation_id, None)
+        if conversation is not None and conversation.stream is not None:
+            conversation.stream.finish()
+
+    def _count(self, action: Action) -> None:
+        self.stats[action.kind] += 1
+        if action.conversation_id:
+            per = self.conversation_stats.get(action.conversation_id)
+            if per is None:
+                per = self.conversation_stats[action.conversation_id] = Counter()
+                while len(self.conversation_stats) > STATS_HISTORY:
+                    self.conversation_stats.popitem(last=False)
+            per[action.kind] += 1
+
+    # --- client HTTP -----------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "version": PROTOCOL_VERSION})
+
+    async def _gateway_status(self, request: web.Request) -> web.Response:
+        self._user(request)
+        link = self._online(self._known(request.match_info["gateway"]))
+        return web.json_response({"ok": True, "gateway": link.name, "online": True, "version": link.version,
+                                  "capabilities": link.capabilities})
+
+    async def _resources(self, request: web.Request) -> web.Response:
+        user = self._user(request)
+        links = list(self.gateways.values())
+        replies = await asyncio.gather(*(self.call(link, user, Action("", "resources", {}, False))
+                                         for link in links), return_exceptions=True)
+        resources = []
+        for link, reply in zip(links, replies):
+            if isinstance(reply, BaseException):
+                log.warning("router: gateway %s did not list resources (%s)", link.name, _one_line(reply))
+                continue
+            for item in reply.get("resources", []) if isinstance(reply.get("resources"), list) else []:
+                if isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("kind"), str):
+                    resources.append({"name": item["name"], "kind": item["kind"], "gateway": link.name})
+        resources.sort(key=lambda r: (r["gateway"], r["name"]))
+        return web.json_response({"ok": True, "resources": resources})
+
+    async def _action(self, request: web.Request) -> web.Response:
+        user = self._user(request)
+        name = self._known(request.match_info["gateway"])
+        self._rate_limit(user)
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise HttpError(413, f"body is {request.content_length} bytes; the limit is {MAX_BODY_BYTES}")
+        action = validate_action(parse_json_body(await request.read()))
+        self._count(action)
+        link = self._online(name)
+        conversation, created = (self._bind(action.conversation_id, user, name) if action.conversation_id
+                                 else (None, False))
+        try:
+            data = await self.call(link, user, action)
+        except ProtocolError:
+            if created and conversation.stream is None:
+                self._drop(action.conversation_id)
+            raise
+        if action.kind == "close":
+            self._drop(action.conversation_id)
+        return web.json_response({"ok": True, "data": data})
+
+    async def call(self, link: GatewayLink, user: str, action: Action) -> dict[str, Any]:
+        """Forward one action to a gateway and wait for its reply (504 after reply_timeout)."""
+        request_id = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        link.pending[request_id] = future
+        try:
+            await self._send(link, {"type": "action", "id": request_id, "user": user,
+                                    "conversation_id": action.conversation_id or None, "kind": action.kind,
+                                    "data": action.data, "trickle_ice": action.trickle_ice})
+            reply = await asyncio.wait_for(future, self.settings.reply_timeout)
+        except asyncio.TimeoutError:
+            raise HttpError(504, f"gateway {link.name} did not reply within {self.settings.reply_timeout:g} s") from None
+        except (ConnectionError, RuntimeError):
+            raise HttpError(503, f"gateway {link.name} went offline", "gateway_offline") from None
+        finally:
+            link.pending.pop(request_id, None)
+        if reply.get("ok") is True:
+            data = reply.get("data")
+            return data if isinstance(data, dict) else {}
+        status = reply.get("status")
+        if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+            status = 502
+        raise HttpError(status, _one_line(reply.get("error") or f"gateway {link.name} refused the action"))
+
+    async def _send(self, link: GatewayLink, message: dict[str, Any]) -> None:
+        text = json.dumps(message, separators=(",", ":"))
+        for observer in self._observers:
+            observer(link.name, "out", text)
+        await link.ws.send_str(text)
+
+    # --- client stream ---------------------------------------------------------------------
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        user = self._user(request)
+        conversation_id = check_conversation_id(request.match_info["conversation_id"])
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=4096)
+        if not ws.can_prepare(request).ok:
+            raise HttpError(400, "the conversation stream is a WebSocket; send an upgrade request")
+        conversation, _ = self._bind(conversation_id, user, None)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        out = _StreamOut(ws)
+        conversation.attach(out)
+        writer = asyncio.ensure_future(out.run())
+        try:
+            async for _ in ws:
+                pass  # clients send nothing on the stream; reading notices the close
+        finally:
+            self._sockets.discard(ws)
+            writer.cancel()
+            if conversation.stream is out:
+                conversation.stream = None
+                if conversation.gateway is None and self.conversations.get(conversation_id) is conversation:
+                    del self.conversations[conversation_id]
+        return ws
+
+    # --- gateway link ----------------------------------------------------------------------
+
+    async def _gateway_connect(self, request: web.Request) -> web.StreamResponse:
+        identity = None
+        try:
+            token = _bearer(request)
+        except HttpError:
+            token = b""
+        for candidate in self._known_gateways.values():
+            if hmac.compare_digest(token, candidate.token.encode()):
+                identity = candidate
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_WS_MESSAGE_BYTES)
+        await ws.prepare(request)
+        if identity is None:
+            log.warning("router: refused a gateway connection from %s (bad token)", request.remote)
+            await ws.close(code=CLOSE_BAD_CREDENTIALS, message=b"bad gateway token")
+            return ws
+        link = await self._hello(ws, identity.name)
+        if link is None:
+            return ws
+        self._sockets.add(ws)
+        try:
+            async for message in ws:
+                if message.type == WSMsgType.TEXT:
+                    self._on_gateway_frame(link, message.data)
+        finally:
+            self._sockets.discard(ws)
+            if self.gateways.get(link.name) is link:
+                del self.gateways[link.name]
+                log.warning("router: gateway %s went offline", link.name)
+            link.fail_pending(f"gateway {link.name} went offline")
+        return ws
+
+    async def _hello(self, ws: web.WebSocketResponse, name: str) -> GatewayLink | None:
+        """Read and check the hello; register the link (replacing an older one) and welcome it."""
+        try:
+            message = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT_S)
+            hello = json.loads(message.data) if message.type == WSMsgType.TEXT else None
+        except (asyncio.TimeoutError, json.JSONDecodeError):
+            hello = None
+        if not isinstance(hello, dict) or hello.get("type") != "hello" or not isinstance(hello.get("version"), str) \
+                or not isinstance(hello.get("capabilities", []), list):
+            await ws.close(code=CLOSE_BAD_HELLO, message=b"expected a hello message")
+            return None
+        if hello.get("gateway") != name:
+            log.warning("router: gateway token for %s presented with another name", name)
+            await ws.close(code=CLOSE_BAD_CREDENTIALS, message=b"gateway name does not match its token")
+            return None
+        capabilities = [c for c in hello.get("capabilities", []) if isinstance(c, str) and len(c) <= 32][:16]
+        link = GatewayLink(name, ws, hello["version"][:32], capabilities)
+        old = self.gateways.get(name)
+        self.gateways[name] = link
+        if old is not None:
+            old.fail_pending(f"gateway {name} reconnected")
+            await old.ws.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection")
+        await ws.send_json({"type": "welcome"})
+        log.info("router: gateway %s online (version %s, capabilities %s)", name, link.version,
+                 ",".join(capabilities) or "none")
+        return link
+
+    def _on_gateway_frame(self, link: GatewayLink, text: str) -> None:
+        for observer in self._observers:
+            observer(link.name, "in", text)
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError:
+            log.warning("router: gateway %s sent a frame that is not JSON", link.name)
+            return
+        if not isinstance(message, dict):
+            return
+        if message.get("type") == "reply":
+            future = link.pending.get(message.get("id"))
+            if future is not None and not future.done():
+                future.set_result(message)
+        elif message.get("type") == "event":
+            self._relay(link, message.get("conversation_id"), message.get("event"))
+
+    def _relay(self, link: GatewayLink, conversation_id: Any, event: Any) -> None:
+        """A gateway event to the owner's stream (or kept until it opens)."""
+        conversation = self.conversations.get(conversation_id) if isinstance(conversation_id, str) else None
+        if conversation is None or conversation.gateway != link.name:
+            log.debug("router: dropping an event from %s for an unknown conversation", link.name)
+            return
+        if not isinstance(event, dict) or event.get("type") not in EVENT_TYPES:
+            log.warning("router: gateway %s sent a malformed event", link.name)
+            return
+        conversation.deliver(event)
+        if event["type"] == "state" and event.get("state") in ("closed", "failed"):
+            self._drop(conversation.id)
+
+
+def _bearer(request: web.Request) -> bytes:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise HttpError(401, "missing bearer token (send Authorization: Bearer TOKEN)",
+                        headers={"WWW-Authenticate": "Bearer"})
+    return token.encode("utf-8", "replace")
+
+
+def _one_line(value: Any) -> str:
+    text = value.message if isinstance(value, ProtocolError) else str(value)
+    return " ".join(text.split())[:300] or value.__class__.__name__
+
+
+def _http_reason(exc: web.HTTPException, request: web.Request) -> str:
+    if exc.status == 404:
+        return "no such endpoint"
+    if exc.status == 405:
+        return f"method {request.method[:16]} is not allowed here"
+    if exc.status == 413:
+        return f"body is larger than the limit of {MAX_BODY_BYTES} bytes"
+    return _one_line(exc.reason)

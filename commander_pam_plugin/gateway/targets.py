@@ -1,0 +1,305 @@
+"""What sits behind a stream channel: a TCP connection (tunnel) or an SSH session (terminal).
+
+Both pump bytes between one data channel and the target, with the protocol's flow control:
+stop reading the target while the channel holds more than 1 MiB unsent, resume at 256 KiB,
+send at most 16 KiB per message, and write to the target with drain. Text messages on the
+channel are in-band control, ordered with the bytes (eof, exit, error).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+import asyncssh
+from aiortc import RTCDataChannel
+
+from ..protocol import ProtocolError, SessionRequest, control_message, parse_control_message
+from .config import Resource
+from .recording import AsciicastRecorder
+
+log = logging.getLogger(__name__)
+
+FLOW_HIGH = 1024 * 1024
+FLOW_LOW = 256 * 1024
+CHUNK = 16 * 1024
+READ_SIZE = 64 * 1024
+TCP_CONNECT_TIMEOUT_S = 10.0
+SSH_CONNECT_TIMEOUT_S = 15.0
+
+
+class ChannelClosed(Exception):
+    """The client closed the stream channel; the target side is torn down quietly."""
+
+
+class ChannelPipe:
+    """One stream channel seen as an ordered inbox and a back-pressured outbox."""
+
+    def __init__(self, channel: RTCDataChannel) -> None:
+        self.channel = channel
+        self._inbox: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        self._drained = asyncio.Event()
+        self._opened = asyncio.Event()
+        channel.bufferedAmountLowThreshold = FLOW_LOW
+        channel.on("message", self._inbox.put_nowait)
+        channel.on("bufferedamountlow", self._drained.set)
+        channel.on("open", self._opened.set)
+        channel.on("close", self._on_close)
+        if channel.readyState == "open":
+            self._opened.set()
+
+    def _on_close(self) -> None:
+        self._inbox.put_nowait(None)
+        self._drained.set()
+        self._opened.set()
+
+    @property
+    def is_open(self) -> bool:
+        return self.channel.readyState == "open"
+
+    async def wait_open(self) -> None:
+        await self._opened.wait()
+        if not self.is_open:
+            raise ChannelClosed()
+
+    async def receive(self) -> bytes | dict[str, Any]:
+        """Next payload (bytes) or in-band control message (dict); ChannelClosed when gone."""
+        while True:
+            item = await self._inbox.get()
+            if item is None:
+                self._inbox.put_nowait(None)  # stay closed for any later reader
+                raise ChannelClosed()
+            if isinstance(item, bytes):
+                return item
+            try:
+                return parse_control_message(item)
+            except ProtocolError as exc:
+                log.debug("ignoring in-band message on channel %s: %s", self.channel.id, exc.message)
+
+    async def send(self, data: bytes) -> None:
+        """Send in chunks, then wait while the channel is over the high-water mark."""
+        if not self.is_open:
+            raise ChannelClosed()
+        for start in range(0, len(data), CHUNK):
+            self.channel.send(data[start:start + CHUNK])
+        while self.is_open and self.channel.bufferedAmount > FLOW_HIGH:
+            self._drained.clear()
+            await self._drained.wait()
+
+    def control(self, op: str, **fields: Any) -> None:
+        if self.is_open:
+            self.channel.send(control_message(op, **fields))
+
+    def fail(self, reason: str) -> None:
+        """In-band error, then close: the client learns why the stream ended."""
+        self.control("error", reason=reason)
+        self.close()
+
+    def close(self) -> None:
+        if self.channel.readyState not in ("closing", "closed"):
+            self.channel.close()
+
+
+async def _run_both(first: Awaitable[Any], second: Awaitable[Any]) -> None:
+    """Run two pumps to completion; the first failure cancels the other and is raised."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        await _cancel(tasks)
+
+
+async def _until(main: Awaitable[Any], helper: Awaitable[Any]) -> Any:
+    """Run `main` to completion with `helper` alongside; a helper failure aborts `main`."""
+    main_task, helper_task = asyncio.ensure_future(main), asyncio.ensure_future(helper)
+    try:
+        done, _ = await asyncio.wait({main_task, helper_task}, return_when=asyncio.FIRST_COMPLETED)
+        if main_task not in done:
+            helper_task.result()
+        return await main_task
+    finally:
+        await _cancel([main_task, helper_task])
+
+
+async def _cancel(tasks: list[asyncio.Future[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class TcpStream:
+    """One tunnel connection: channel N <-> TCP host:port, with TCP half-close mapped to eof."""
+
+    def __init__(self, pipe: ChannelPipe, host: str, port: int) -> None:
+        self.pipe, self.host, self.port = pipe, host, port
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader: asyncio.StreamReader | None = None
+
+    async def connect(self) -> None:
+        """Raise OSError/TimeoutError if the target does not accept within the timeout."""
+        self._reader, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port), TCP_CONNECT_TIMEOUT_S)
+
+    async def run(self) -> None:
+        """Pump both ways until both sides are done, the client goes away, or an error."""
+        try:
+            await _run_both(self._to_target(), self._from_target())
+        except ChannelClosed:
+            pass
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self.pipe.fail(f"target connection failed ({exc.__class__.__name__})")
+        finally:
+            self.pipe.close()
+            self._close_socket()
+
+    async def _to_target(self) -> None:
+        assert self._writer is not None
+        while True:
+            item = await self.pipe.receive()
+            if isinstance(item, bytes):
+                self._writer.write(item)
+                await self._writer.drain()
+            elif item.get("op") == "eof":
+                if self._writer.can_write_eof():
+                    self._writer.write_eof()
+                return
+
+    async def _from_target(self) -> None:
+        assert self._reader is not None
+        while True:
+            data = await self._reader.read(READ_SIZE)
+            if not data:
+                self.pipe.control("eof")
+                return
+            await self.pipe.send(data)
+
+    def _close_socket(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def ssh_failure_reason(exc: BaseException, resource: Resource) -> str:
+    """A one-line, credential-free reason a user can act on."""
+    name = resource.name
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return f"ssh: authentication as {resource.username} on {name} failed"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return f"ssh: the host key of {name} is not trusted (check known_hosts)"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"ssh: timed out connecting to {name}"
+    if isinstance(exc, (asyncssh.DisconnectError, asyncssh.ChannelOpenError)):
+        return f"ssh: {name}: {exc.reason}"
+    if isinstance(exc, OSError):
+        return f"ssh: cannot connect to {name} ({exc.strerror or exc.__class__.__name__})"
+    return f"ssh: session on {name} failed ({exc.__class__.__name__})"
+
+
+def _exit_status(process: asyncssh.SSHClientProcess) -> int:
+    code = process.returncode
+    if code is None:
+        return 255
+    return code if code >= 0 else 128 - code
+
+
+class SshTerminal:
+    """An SSH session to a resource with credentials the client never sees.
+
+    `start()` begins connect + auth + process at once, so it overlaps ICE; `run(pipe)` then
+    joins it to the terminal channel once that is open.
+    """
+
+    def __init__(self, resource: Resource, request: SessionRequest,
+                 recorder: AsciicastRecorder | None, redact: Callable[[str], str]) -> None:
+        self.resource, self.request, self.recorder, self._redact = resource, request, recorder, redact
+        self._connection: asyncssh.SSHClientConnection | None = None
+        self._process: asyncssh.SSHClientProcess | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._size = (request.cols, request.rows)
+
+    def start(self) -> None:
+        self._ready = asyncio.ensure_future(self._open())
+
+    def _auth_options(self) -> dict[str, Any]:
+        r = self.resource
+        options: dict[str, Any] = {"username": r.username, "config": None, "agent_path": None,
+                                   "client_keys": None, "password": r.password,
+                                   "connect_timeout": SSH_CONNECT_TIMEOUT_S}
+        if r.private_key:
+            options["client_keys"] = [asyncssh.import_private_key(r.private_key)]
+        if r.insecure_skip_host_key_check:
+            options["known_hosts"] = None
+        elif r.known_hosts:
+            options["known_hosts"] = r.known_hosts
+        return options
+
+    async def _open(self) -> None:
+        self._connection = await asyncssh.connect(self.resource.host, self.resource.port, **self._auth_options())
+        request = self.request
+        pty = dict(term_type=request.term, term_size=self._size) if request.pty else dict(request_pty=False)
+        self._process = await self._connection.create_process(
+            request.command, encoding=None, stderr=asyncssh.STDOUT, **pty)
+        if request.pty and self._size != (request.cols, request.rows):
+            self._process.change_terminal_size(*self._size)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._size = (cols, rows)
+        if self.recorder:
+            self.recorder.resize(cols, rows)
+        if self._process is not None and self.request.pty:
+            self._process.change_terminal_size(cols, rows)
+
+    async def run(self, pipe: ChannelPipe) -> None:
+        """Carry the session on the terminal channel; exit status or error in-band, then close."""
+        assert self._ready is not None, "start() first"
+        try:
+            await pipe.wait_open()
+            try:
+                await self._ready
+            except Exception as exc:
+                reason = self._redact(ssh_failure_reason(exc, self.resource))
+                log.warning("ssh session on %s could not start: %s", self.resource.name, reason)
+                pipe.fail(reason)
+                return
+            status = await _until(self._from_process(pipe), self._to_process(pipe))
+            pipe.control("exit", status=status)
+        except ChannelClosed:
+            pass
+        except (asyncssh.Error, OSError) as exc:
+            pipe.fail(self._redact(ssh_failure_reason(exc, self.resource)))
+        finally:
+            pipe.close()
+            self.close()
+
+    async def _to_process(self, pipe: ChannelPipe) -> None:
+        """Client keystrokes to the process, until an in-band eof closes its stdin."""
+        stdin = self._process.stdin
+        while True:
+            item = await pipe.receive()
+            if isinstance(item, bytes):
+                stdin.write(item)
+                await stdin.drain()
+            elif item.get("op") == "eof":
+                stdin.write_eof()
+                return
+
+    async def _from_process(self, pipe: ChannelPipe) -> int:
+        """Process output to the client (and the recording); returns the exit status."""
+        while True:
+            data = await self._process.stdout.read(READ_SIZE)
+            if not data:
+                break
+            if self.recorder:
+                self.recorder.output(data)
+            await pipe.send(data)
+        await self._process.wait()
+        return _exit_status(self._process)
+
+    def close(self) -> None:
+        if self._ready is not None and not self._ready.done():
+            self._ready.cancel()
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
+        if self.recorder:
+            self.recorder.close()
