@@ -257,17 +257,22 @@ class Router:
             raise HttpError(503, f"gateway {name} is offline (not connected to this router)", "gateway_offline")
         return link
 
+    def _owned(self, conversation_id: str, user: str) -> Conversation | None:
+        """The conversation if it exists; 403 if another user holds it."""
+        conversation = self.conversations.get(conversation_id)
+        if conversation is not None and not hmac.compare_digest(conversation.owner.encode(), user.encode()):
+            raise HttpError(403, f"conversation {conversation_id} belongs to another user")
+        return conversation
+
     def _bind(self, conversation_id: str, user: str, gateway: str | None) -> tuple[Conversation, bool]:
         """The conversation, bound to the first user who touches it; (conversation, newly bound)."""
-        conversation = self.conversations.get(conversation_id)
+        conversation = self._owned(conversation_id, user)
         created = conversation is None
         if conversation is None:
             owned = sum(1 for c in self.conversations.values() if c.owner == user)
             if owned >= MAX_CONVERSATIONS_PER_USER:
                 raise HttpError(429, f"user {user} has {owned} open conversations; close some first")
             conversation = self.conversations[conversation_id] = Conversation(conversation_id, user)
-        elif not hmac.compare_digest(conversation.owner.encode(), user.encode()):
-            raise HttpError(403, f"conversation {conversation_id} belongs to another user")
         if gateway is not None:
             if conversation.gateway is None:
                 conversation.gateway = gateway
@@ -326,8 +331,8 @@ class Router:
         action = validate_action(parse_json_body(await request.read()))
         self._count(action)
         link = self._online(name)
-        conversation, created = (self._bind(action.conversation_id, user, name) if action.conversation_id
-                                 else (None, False))
+        conversation, created = (self._bind(action.conversation_id, user, name)
+                                 if action.kind in ("offer", "icecandidate", "close") else (None, False))
         try:
             data = await self.call(link, user, action)
         except ProtocolError:
@@ -373,6 +378,7 @@ class Router:
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         user = self._user(request)
         conversation_id = check_conversation_id(request.match_info["conversation_id"])
+        self._owned(conversation_id, user)
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=4096)
         if not ws.can_prepare(request).ok:
             raise HttpError(400, "the conversation stream is a WebSocket; send an upgrade request")
