@@ -12,6 +12,7 @@ import os
 import pathlib
 import selectors
 import shlex
+import signal
 import struct
 import subprocess
 import sys
@@ -141,7 +142,10 @@ def _child_main(argv: list[str]) -> int:
     remote.start(runner)
     if interactive:
         _handshake("child-ready")
-    status = runner.run()
+    try:
+        status = runner.run()
+    except KeyboardInterrupt:  # what a host shell would do with it
+        status = 130
     if interactive:
         _handshake(f"child-status={status} remote-closed={remote.closed}")
     return status
@@ -228,6 +232,13 @@ def test_peer_loss_reports_one_line_and_restores_modes() -> None:
     session.type("exit 7\r")
     session.child.expect(f"\r\nerror: {PEER_LOST}\r\n")
     assert session.finish() == (255, True, 255)
+    assert session.modes_after == session.modes_before
+
+
+def test_an_interrupt_still_restores_modes_and_closes_the_remote() -> None:
+    session = Session()
+    os.kill(session.child.pid, signal.SIGINT)  # raw mode: only a signal from outside can do it
+    assert session.finish() == (130, True, 130)
     assert session.modes_after == session.modes_before
 
 
