@@ -9,17 +9,20 @@ Other test files may import these.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import socket
 import socketserver
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import aiohttp
 from aiortc import RTCSessionDescription
 
 from commander_pam_plugin import rtc
+from commander_pam_plugin.gateway.demo_ssh import DemoSSHServer
+from commander_pam_plugin.gateway.embedded import LoopThread
 from commander_pam_plugin.protocol import (CONTROL_CHANNEL_ID, TERMINAL_CHANNEL_ID, control_message,
                                            split_sdp_candidates)
 
@@ -92,6 +95,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --- SSH target ---------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def demo_ssh_server(authorized_keys: Sequence[Any] = ()) -> Iterator[DemoSSHServer]:
+    """A DemoSSHServer on its own loop thread (apart from the gateway's), closed afterwards."""
+    thread = LoopThread("demo-ssh").start()
+    server = thread.run(DemoSSHServer(authorized_keys=authorized_keys).start(), WAIT)
+
+    async def close() -> None:
+        server.close()
+    try:
+        yield server
+    finally:
+        thread.run(close(), WAIT)
+        thread.stop()
+
+
+def ssh_resource(server: DemoSSHServer, name: str = "ssh", **extra: Any) -> dict[str, Any]:
+    """An ssh resource for the demo server: its password unless a private_key is given."""
+    resource = {"name": name, "kind": "ssh", "host": "127.0.0.1", "port": server.port,
+                "username": server.username, "insecure_skip_host_key_check": True, **extra}
+    if "private_key" not in extra:
+        resource.setdefault("password", server.password)
+    if "known_hosts" in extra:
+        resource.pop("insecure_skip_host_key_check")
+    return resource
 
 
 # --- signaling client ---------------------------------------------------------------------------

@@ -382,3 +382,62 @@ def test_a_user_cannot_hold_unlimited_conversations(gateway):
             assert status == 200  # ping binds nothing
             await asyncio.gather(*(s.close() for s in streams))
     run(main())
+
+
+def test_the_agent_reconnects_when_the_router_comes_back():
+    from commander_pam_plugin.gateway.agent import GatewayAgent
+    from commander_pam_plugin.gateway.config import config_from_dict
+    from commander_pam_plugin.gateway.router import Router
+
+    data = make_config()
+    config = config_from_dict(data)
+
+    async def main():
+        port = free_port()
+        agent = GatewayAgent(config.gateway, f"http://127.0.0.1:{port}")
+        task = asyncio.ensure_future(agent.run())  # dials a closed port first, then backs off
+        for _ in range(2):
+            router = Router(config.router)
+            await router.start("127.0.0.1", port)
+            await asyncio.wait_for(agent.online.wait(), 10)
+            async with RouterClient(router.url, data["users"][0]["token"]) as c:
+                status, body = await c.action("gw-test", None, "ping")
+                assert (status, body["data"]) == (200, {"pong": True})
+            await router.stop()
+            await asyncio.wait_for(agent.offline.wait(), 10)
+        await agent.stop()
+        await task
+    run(main())
+
+
+def test_a_slow_offer_does_not_hold_up_other_actions(echo):
+    """A STUN server that never answers stalls the gateway's gathering (aioice waits 5 s);
+    meanwhile other actions are served and the trickle 'accepted' reply is not held back."""
+    resources = [{"name": "echo", "kind": "tcp", "host": "127.0.0.1", "port": echo.port}]
+    with EmbeddedGateway(make_config(resources, ice_servers=[f"stun:127.0.0.1:{free_port()}"])) as gw:
+        async def main():
+            async with client(gw) as c:
+                cid = new_conversation_id()
+                stream = await c.stream(cid)
+                peer = ClientPeer()
+                order: list[str] = []
+
+                async def wait_answer() -> dict:
+                    answer = await stream.wait_for("answer", timeout=20)
+                    order.append("answer")
+                    return answer
+                waiter = asyncio.ensure_future(wait_answer())
+                status, body = await c.action(gw.gateway_name, cid, "offer",
+                                              {"type": "offer", "sdp": await peer.offer(), "resource": "echo"},
+                                              trickle=True)
+                assert (status, body["data"]) == (200, {"accepted": True})
+                status, _ = await c.action(gw.gateway_name, None, "ping")
+                assert status == 200
+                order.append("pong")
+                answer = await waiter
+                assert order == ["pong", "answer"]
+                await peer.accept(answer["sdp"])
+                await peer.connected()
+                await c.action(gw.gateway_name, cid, "close")
+                await peer.close()
+        run(main())

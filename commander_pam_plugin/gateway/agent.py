@@ -67,7 +67,10 @@ class GatewayAgent:
         self.sessions: dict[str, AnswerSession] = {}
         # Remote candidates applied per conversation (kept after a session ends, for tests).
         self.applied_candidates: OrderedDict[str, list[dict[str, str]]] = OrderedDict()
+        # Set while the router has welcomed us / while we have no link (tests wait on both).
         self.online = asyncio.Event()
+        self.offline = asyncio.Event()
+        self.offline.set()
         self._early: OrderedDict[str, _EarlyCandidates] = OrderedDict()
         self._outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX_LIMIT)
         self._stopping = asyncio.Event()
@@ -107,6 +110,7 @@ class GatewayAgent:
             if message.type != aiohttp.WSMsgType.TEXT or _message_type(message.data) != "welcome":
                 raise RouterRefused(f"close code {ws.close_code}")
             self._ws = ws
+            self.offline.clear()
             self.online.set()
             log.info("gateway %s online at %s (version %s)", self.name, self.router_url, self.version)
             writer = asyncio.ensure_future(self._write(ws))
@@ -116,6 +120,7 @@ class GatewayAgent:
                         self._dispatch(message.data)
             finally:
                 self.online.clear()
+                self.offline.set()
                 self._ws = None
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)

@@ -58,12 +58,13 @@ class AnswerSession:
         self._ice_timer: asyncio.TimerHandle | None = None
         self.streams: dict[int, TcpStream] = {}
         self.ssh: SshTerminal | None = None
+        recorder = self._recorder()  # first: a session that must be recorded never runs unrecorded
         self.pc = rtc.new_peer_connection(rtc.ice_servers_from_config(settings.ice_servers))
         self.pc.on("connectionstatechange", self._on_connection_state)
         self._control = self.pc.createDataChannel("control", negotiated=True, id=CONTROL_CHANNEL_ID)
         self._control.on("message", self._on_control)
         if request.mode == "terminal":
-            self._start_terminal()
+            self._start_terminal(recorder)
 
     @property
     def closed(self) -> bool:
@@ -74,14 +75,21 @@ class AnswerSession:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _start_terminal(self) -> None:
+    def _recorder(self) -> AsciicastRecorder | None:
+        if not (self.resource.record and self.request.mode == "terminal"):
+            return None
+        try:
+            return AsciicastRecorder.create(self.settings.recordings_dir, self.resource.name, self.conversation_id,
+                                            self.request.cols, self.request.rows, self.request.term)
+        except OSError as exc:
+            log.error("cannot write the recording for %s in %s: %s", self.resource.name,
+                      self.settings.recordings_dir, exc.strerror)
+            raise ProtocolError(503, f"the session on {self.resource.name} must be recorded and the "
+                                     "recording cannot be written", "unavailable") from None
+
+    def _start_terminal(self, recorder: AsciicastRecorder | None) -> None:
         """Channel 1 and the SSH connect, both before the offer is applied."""
         channel = self.pc.createDataChannel("terminal", negotiated=True, id=TERMINAL_CHANNEL_ID)
-        recorder = None
-        if self.resource.record:
-            recorder = AsciicastRecorder.create(self.settings.recordings_dir, self.resource.name,
-                                                self.conversation_id, self.request.cols, self.request.rows,
-                                                self.request.term)
         self.ssh = SshTerminal(self.resource, self.request, recorder, self.settings.redact)
         self.ssh.start()
         self._spawn(self.ssh.run(ChannelPipe(channel)))

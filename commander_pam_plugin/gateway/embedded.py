@@ -73,10 +73,20 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        """Cancel whatever is still running on the loop (libraries leave tasks behind), then stop it."""
         if self._thread.is_alive():
+            self.run(_cancel_leftovers())
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join()
         self.loop.close()
+
+
+async def _cancel_leftovers() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 def _as_config(config: Config | Mapping[str, Any] | str | os.PathLike[str] | None) -> Config:
