@@ -20,7 +20,7 @@ import aiohttp
 from ..protocol import (ALL_CAPABILITIES, CAP_BATCH, CAP_TRICKLE, GATEWAY_VERSION, MAX_WS_MESSAGE_BYTES,
                         Action, CandidateBatch, ProtocolError, validate_action, validate_icecandidate_data,
                         validate_offer_data)
-from .answerer import AnswerSession
+from .answerer import MAX_REMOTE_CANDIDATES, AnswerSession
 from .config import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ MAX_SESSIONS = 256
 OUTBOX_LIMIT = 1024
 # Candidates for a conversation whose offer has not arrived yet (a client may race them).
 EARLY_CONVERSATIONS = 64
-EARLY_CANDIDATES = 256
 EARLY_TTL_S = 60.0
 CANDIDATE_HISTORY = 256
 
@@ -278,8 +277,8 @@ class GatewayAgent:
             early = self._early[cid] = _EarlyCandidates(user)
         elif early.user != user:
             raise ProtocolError(403, f"conversation {cid} belongs to another user", "forbidden")
-        if len(early.items) + len(candidates) > EARLY_CANDIDATES:
-            raise ProtocolError(400, f"more than {EARLY_CANDIDATES} candidates before the offer")
+        if len(early.items) + len(candidates) > MAX_REMOTE_CANDIDATES:
+            raise ProtocolError(400, f"more than {MAX_REMOTE_CANDIDATES} candidates for one conversation")
         early.items.extend((c, via) for c in candidates)
         early.end = early.end or end
         return len(candidates)

@@ -27,6 +27,8 @@ from .targets import ChannelPipe, SshTerminal, TcpStream
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
+# Each remote candidate costs ICE checks; an honest client has a handful.
+MAX_REMOTE_CANDIDATES = 256
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -65,10 +67,6 @@ class AnswerSession:
         self._control.on("message", self._on_control)
         if request.mode == "terminal":
             self._start_terminal(recorder)
-
-    @property
-    def closed(self) -> bool:
-        return self._closing
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -122,6 +120,8 @@ class AnswerSession:
     async def add_candidates(self, batch: CandidateBatch, via: str) -> int:
         """Apply (or queue, before the offer) a batch or single candidate; returns how many were taken."""
         candidates = [candidate_from_wire(c) for c in batch.candidates]
+        if len(self.remote_candidates) + len(self._queued) + len(candidates) > MAX_REMOTE_CANDIDATES:
+            raise ProtocolError(400, f"more than {MAX_REMOTE_CANDIDATES} candidates for one conversation")
         if not self._offer_applied:
             self._queued.extend((c, via) for c in candidates)
             self._queued_end = self._queued_end or batch.end_of_candidates
