@@ -13,7 +13,6 @@ import logging
 from typing import Any, Callable
 
 from aiortc import RTCDataChannel, RTCSessionDescription
-from aiortc.sdp import candidate_to_sdp
 
 from .. import rtc
 from ..protocol import (CONTROL_CHANNEL_ID, FIRST_STREAM_ID, MAX_STREAM_ID, MAX_TERMINAL_SIZE,
@@ -51,7 +50,7 @@ class AnswerSession:
         # Every remote candidate handed to aiortc, in order: {"candidate": "candidate:...", "via": ...}
         # where via is "sdp", "batch" or "single". Tests and diagnostics read it.
         self.remote_candidates: list[dict[str, str]] = []
-        self._queued: list[tuple[Any, str]] = []
+        self._queued: list[tuple[dict[str, Any], str]] = []  # (wire candidate, via)
         self._queued_end = False
         self._offer_applied = False
         self._remote_end = False
@@ -98,7 +97,7 @@ class AnswerSession:
         """setRemoteDescription, then every candidate queued so far (SDP ones first)."""
         bare, sdp_candidates, end = split_sdp_candidates(sdp)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=bare, type="offer"))
-        self._queued[:0] = [(candidate_from_wire(c), "sdp") for c in sdp_candidates]
+        self._queued[:0] = [(c, "sdp") for c in sdp_candidates]
         self._queued_end = self._queued_end or end
         # Candidates may keep arriving while these are applied; drain until none is left,
         # then flip to direct application with no await in between.
@@ -119,7 +118,7 @@ class AnswerSession:
 
     async def add_candidates(self, batch: CandidateBatch, via: str) -> int:
         """Apply (or queue, before the offer) a batch or single candidate; returns how many were taken."""
-        candidates = [candidate_from_wire(c) for c in batch.candidates]
+        candidates = batch.candidates
         if len(self.remote_candidates) + len(self._queued) + len(candidates) > MAX_REMOTE_CANDIDATES:
             raise ProtocolError(400, f"more than {MAX_REMOTE_CANDIDATES} candidates for one conversation")
         if not self._offer_applied:
@@ -132,9 +131,10 @@ class AnswerSession:
             await self._end_candidates()
         return len(candidates)
 
-    async def _apply(self, candidate: Any, via: str) -> None:
+    async def _apply(self, wire: dict[str, Any], via: str) -> None:
         if self._remote_end or self._closing:
             return
+        candidate = candidate_from_wire(wire)
         if not _is_ip_literal(candidate.ip):
             # mDNS names would make aioice send multicast queries; only literal addresses are used.
             log.debug("conversation %s: skipping candidate with a host name", self.conversation_id)
@@ -142,7 +142,7 @@ class AnswerSession:
         if candidate.sdpMid is None and candidate.sdpMLineIndex is None:
             candidate.sdpMLineIndex = 0
         await self.pc.addIceCandidate(candidate)
-        self.remote_candidates.append({"candidate": "candidate:" + candidate_to_sdp(candidate), "via": via})
+        self.remote_candidates.append({"candidate": wire["candidate"], "via": via})
 
     async def _end_candidates(self) -> None:
         if not self._remote_end and not self._closing:
