@@ -185,14 +185,16 @@ class StreamListener:
                 self._on_event({"type": "stream_failed", "message": self.failed})
         finally:
             self.ready.set()
+            if self._ws is not None:
+                self._ws.shutdown()  # closes the socket itself; abort() alone leaves the fd open
 
     def close(self) -> None:
+        """Wake the reader (abort) and wait for it to close the socket."""
         self._closing = True
         ws = self._ws
         if ws is not None:
             try:
                 ws.abort()
-                ws.close(timeout=0.5)
             except Exception:
                 pass
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
@@ -372,7 +374,7 @@ def _negotiate(result: Session, info: GatewayInfo, batch: bool, session: protoco
     gateway, conversation_id, resource = result.gateway, result.conversation_id, result.resource
     in_offer = True if not trickle else options.candidates_in_offer
     if in_offer is None:
-        in_offer = not peer.pc.getConfiguration().iceServers
+        in_offer = not peer.ice_servers  # host-only gathering takes ~1 ms and cannot stall
     sdp = _run(loop, peer.make_offer(gather_first=in_offer), deadline, phase, resource, options)
     if not in_offer:
         sdp, _, _ = protocol.split_sdp_candidates(sdp)

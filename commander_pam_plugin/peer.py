@@ -31,6 +31,7 @@ class ClientPeer:
 
     def __init__(self, ice_servers: Sequence[Any], host_addresses: Sequence[str], terminal: bool) -> None:
         self.host_addresses = tuple(host_addresses)
+        self.ice_servers = tuple(ice_servers)
         self.pc = rtc.new_peer_connection(ice_servers)
         self.control = self.pc.createDataChannel("control", negotiated=True, id=protocol.CONTROL_CHANNEL_ID)
         self.terminal: RTCDataChannel | None = None

@@ -8,6 +8,7 @@ built here, with an explicit server list and an explicit host-address list.
 from __future__ import annotations
 
 import contextvars
+import logging
 import ipaddress
 from typing import Any, Iterable, Sequence
 
@@ -34,6 +35,9 @@ def _policy_get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
 
 def install() -> None:
     """Patch aioice once per process: address policy hook and faster consent checks."""
+    for name in ("aioice", "aiortc"):  # their INFO lines (every ICE check) are noise in a shell
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
     aioice.ice.get_host_addresses = _policy_get_host_addresses
     aioice.ice.CONSENT_INTERVAL = CONSENT_INTERVAL_S
     aioice.ice.CONSENT_FAILURES = CONSENT_FAILURES
