@@ -23,8 +23,8 @@ from .timing import ConnectTiming, format_table
 
 _TERM_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 PHASE_NAMES = {
-    "resource_resolved": "negotiating with the gateway",
-    "gateway_check": "creating the peer",
+    "resource_resolved": "creating the peer",
+    "peer_created": "gathering local candidates",
     "offer_created": "sending the offer",
     "offer_acked": "waiting for the answer",
     "answer_received": "connecting (ICE)",

@@ -63,6 +63,7 @@ class RouterClient:
         self._gateways: dict[str, GatewayInfo] = {}
         self._lock = threading.Lock()
         self._legacy_noted: set[str] = set()
+        self._resources: tuple[float, list[dict[str, Any]]] | None = None
 
     def __repr__(self) -> str:
         return f"RouterClient({self.base_url!r})"
@@ -87,13 +88,20 @@ class RouterClient:
             raise PamError(f"router: {message or f'HTTP {response.status_code}'}")
         return payload
 
-    def gateway_info(self, gateway: str) -> GatewayInfo:
-        """Version and capabilities, asked once per gateway for the life of this session."""
+    def known_gateway(self, gateway: str) -> GatewayInfo | None:
+        """What this session has learnt of a gateway so far (from any reply), or None."""
         with self._lock:
-            known = self._gateways.get(gateway)
+            return self._gateways.get(gateway)
+
+    def gateway_info(self, gateway: str) -> GatewayInfo:
+        """Version and capabilities: from any earlier reply, else asked once (GET)."""
+        known = self.known_gateway(gateway)
         if known is not None:
             return known
         payload = self._request("GET", f"/api/v1/gateways/{quote(gateway, safe='')}")
+        return self._learn(gateway, payload)
+
+    def _learn(self, gateway: str, payload: dict[str, Any]) -> GatewayInfo:
         info = GatewayInfo(gateway, str(payload.get("version", "0")),
                            tuple(c for c in payload.get("capabilities", []) if isinstance(c, str)))
         if protocol.version_tuple(info.version) < protocol.BATCH_SINCE and gateway not in self._legacy_noted:
@@ -112,12 +120,22 @@ class RouterClient:
                trickle: bool) -> dict[str, Any]:
         body = {"conversation_id": conversation_id, "kind": kind, "data": data, "trickle_ice": trickle}
         payload = self._request("POST", f"/api/v1/gateways/{quote(gateway, safe='')}/actions", body)
+        if isinstance(payload.get("gateway"), dict):
+            self._learn(gateway, payload["gateway"])
         result = payload.get("data", {})
         return result if isinstance(result, dict) else {}
 
-    def resources(self) -> list[dict[str, Any]]:
+    def resources(self, max_age_s: float = 0.0) -> list[dict[str, Any]]:
+        """The resources this user may use; a list fetched less than max_age_s ago is reused."""
+        with self._lock:
+            cached = self._resources
+        if cached is not None and time.monotonic() - cached[0] < max_age_s:
+            return cached[1]
         items = self._request("GET", "/api/v1/resources").get("resources", [])
-        return [r for r in items if isinstance(r, dict)]
+        fresh = [r for r in items if isinstance(r, dict)]
+        with self._lock:
+            self._resources = (time.monotonic(), fresh)
+        return fresh
 
     def stream_url(self, conversation_id: str) -> str:
         parts = urlsplit(self.base_url)
@@ -210,7 +228,7 @@ class CandidateSender:
 
     def __init__(self, send: Callable[[dict[str, Any]], None], batch: bool) -> None:
         self._send = send
-        self._batch = batch
+        self.batch = batch
         self._lock = threading.Lock()
         self._buffer: list[dict[str, Any]] = []
         self._end = False
@@ -238,7 +256,7 @@ class CandidateSender:
             self._transmit(pending, end)
 
     def _transmit(self, candidates: list[dict[str, Any]], end: bool) -> None:
-        if self._batch:
+        if self.batch:
             for start in range(0, max(len(candidates), 1), protocol.MAX_CANDIDATES_PER_BATCH):
                 chunk = candidates[start:start + protocol.MAX_CANDIDATES_PER_BATCH]
                 last = start + protocol.MAX_CANDIDATES_PER_BATCH >= len(candidates)
@@ -305,7 +323,7 @@ class _Phase:
     """The phase we are waiting in, so a timeout can name what stalled."""
 
     def __init__(self, timing: Any) -> None:
-        self.name = "the gateway check"
+        self.name = "the peer to be created"
         self._timing = timing
 
     def done(self, checkpoint: str, next_wait: str) -> None:
@@ -337,10 +355,11 @@ def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str, resou
     options = options or ConnectOptions()
     deadline = time.monotonic() + options.timeout_s
     phase = _Phase(timing)
-    info = router.gateway_info(gateway)
-    trickle = options.trickle and info.trickle
-    batch = info.batch and not options.legacy_per_candidate
-    phase.done("gateway_check", "the peer to be created")
+    # No capability round trip: use what this session already knows of the gateway, else
+    # assume a current one; the offer's reply tells the truth (a pre-1.7.0 gateway answers
+    # in that reply whatever we asked) before any candidate action is sent.
+    info = router.known_gateway(gateway)
+    trickle = options.trickle and (info is None or info.trickle)
 
     conversation_id = new_conversation_id()
     holder: dict[str, ClientPeer] = {}
@@ -356,19 +375,19 @@ def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str, resou
     holder["peer"] = peer
     if on_peer is not None:
         loop.run(_call(on_peer, peer))
+    phase.done("peer_created", "local candidates to be gathered")
     if timing is not None:
         peer.ice_connected_callback = lambda: timing.checkpoint("ice_connected")
     result = Session(loop, router, gateway, resource, conversation_id, peer, listener, trickle)
     try:
-        _negotiate(result, info, batch, session, phase, deadline, options, on_candidate_action)
+        _negotiate(result, session, phase, deadline, options, on_candidate_action)
     except BaseException:
         result.close(notify=True)
         raise
     return result
 
 
-def _negotiate(result: Session, info: GatewayInfo, batch: bool, session: protocol.SessionRequest,
-               phase: _Phase, deadline: float, options: ConnectOptions,
+def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase, deadline: float, options: ConnectOptions,
                on_candidate_action: Callable[[dict[str, Any], CandidateSender], None] | None) -> None:
     loop, router, peer, trickle = result.loop, result.router, result.peer, result.trickle
     gateway, conversation_id, resource = result.gateway, result.conversation_id, result.resource
@@ -385,7 +404,7 @@ def _negotiate(result: Session, info: GatewayInfo, batch: bool, session: protoco
             on_candidate_action(data, sender)
         router.action(gateway, "icecandidate", conversation_id, data, trickle)
 
-    sender = CandidateSender(send_candidates, batch)
+    sender = CandidateSender(send_candidates, batch=not options.legacy_per_candidate)
     if not in_offer:
         # Gathering finishes on the loop; hand its candidates to a worker thread so the
         # loop never blocks on HTTP. Before the offer is acknowledged they are buffered.
@@ -402,6 +421,9 @@ def _negotiate(result: Session, info: GatewayInfo, batch: bool, session: protoco
 
     offer = {"type": "offer", "sdp": sdp, "resource": resource, "session": session.to_json()}
     reply = router.action(gateway, "offer", conversation_id, offer, trickle)
+    learnt = router.known_gateway(gateway)
+    if learnt is not None and not learnt.batch:
+        sender.batch = False  # before go_live: nothing has been sent yet
     if trickle and not reply.get("sdp"):
         phase.done("offer_acked", "the answer on the conversation stream")
     else:

@@ -19,6 +19,9 @@ from .tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
+# A shell that resolved a resource a moment ago need not ask the router again (one round trip).
+RESOURCE_CACHE_S = 60.0
+
 
 @dataclass
 class ResourceRef:
@@ -66,10 +69,14 @@ class PamRuntime:
         record = hook.pam_resolve_resource(name=name) if hook is not None else None
         if isinstance(record, dict) and record.get("gateway"):
             return ResourceRef(name, str(record["gateway"]), str(record.get("kind", "tcp")))
-        resources = self.router().resources()
-        for item in resources:
-            if item.get("name") == name:
-                return ResourceRef(name, str(item.get("gateway")), str(item.get("kind")))
+        router = self.router()
+        resources = router.resources(max_age_s=RESOURCE_CACHE_S)
+        for attempt in range(2):
+            for item in resources:
+                if item.get("name") == name:
+                    return ResourceRef(name, str(item.get("gateway")), str(item.get("kind")))
+            if attempt == 0:
+                resources = router.resources()  # the cached list may predate the resource
         known = ", ".join(sorted(str(r.get("name")) for r in resources)) or "none"
         raise PamError(f"unknown resource {name!r}; resources you may use: {known}")
 

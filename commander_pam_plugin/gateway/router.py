@@ -341,7 +341,10 @@ class Router:
             raise
         if action.kind == "close":
             self._drop(action.conversation_id)
-        return web.json_response({"ok": True, "data": data})
+        # The gateway's version and capabilities ride on every reply, so a client never pays
+        # a separate round trip to learn them before its first offer.
+        return web.json_response({"ok": True, "data": data, "gateway": {
+            "name": link.name, "version": link.version, "capabilities": link.capabilities}})
 
     async def call(self, link: GatewayLink, user: str, action: Action) -> dict[str, Any]:
         """Forward one action to a gateway and wait for its reply (504 after reply_timeout)."""
