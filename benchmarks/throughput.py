@@ -1,0 +1,196 @@
+"""Tunnel throughput vs direct loopback TCP, in the same run, every transfer sha256-checked.
+
+The bulk target (benchmarks/tcp_target.py) and the gateway agent run as separate processes;
+the client runtime runs here, on its own loop thread, with the load (plain sockets) on other
+threads. For each connection count N the --mib total is split over N parallel connections,
+once straight to the target ("direct") and once through one `pam tunnel start` ("tunnel"),
+upload (client -> target) and download (target -> client) apart. MB/s is 10^6 bytes per second,
+aggregate over the N connections; the figure per (N, direction, path) is the median of --runs.
+Everything shares this machine's cores: client, gateway, target and load generator.
+
+    python benchmarks/throughput.py [--mib 64] [--connections 1,4] [--runs 3] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _stack
+from tcp_target import make_payload
+from commander_pam_plugin.negotiation import ConnectOptions
+
+GATEWAY = "gw-main"
+BLOCK = 1 << 20
+TARGETS_MBPS = {1: 20.0, 4: 25.0}
+
+
+def _request(port: int, line: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    sock.sendall(line.encode() + b"\n")
+    return sock
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        block = sock.recv(256)
+        if not block:
+            break
+        line += block
+    return line.strip()
+
+
+def upload(port: int, payload: bytes) -> float:
+    """PUT: send payload, the target answers its sha256; returns seconds (raises if it differs)."""
+    start = time.perf_counter()
+    with _request(port, f"PUT {len(payload)}") as sock:
+        view = memoryview(payload)
+        for offset in range(0, len(view), BLOCK):
+            sock.sendall(view[offset:offset + BLOCK])
+        answer = _read_line(sock).decode()
+    elapsed = time.perf_counter() - start
+    if answer != hashlib.sha256(payload).hexdigest():
+        raise RuntimeError(f"upload of {len(payload)} bytes arrived damaged (sha256 {answer[:12]}...)")
+    return elapsed
+
+
+def prepare(bulk_port: int, size: int, seed: int) -> None:
+    """Have the target make a download's bytes ahead, so making them is not timed."""
+    with _request(bulk_port, f"PREP {size} {seed}") as sock:
+        if _read_line(sock) != b"ok":
+            raise RuntimeError("the target did not prepare the download")
+
+
+def download(port: int, size: int, seed: int, expected: str) -> float:
+    """GET a prepared payload; returns seconds (raises if its sha256 differs)."""
+    digest, received = hashlib.sha256(), 0
+    buffer = bytearray(BLOCK)
+    start = time.perf_counter()
+    with _request(port, f"GET {size} {seed}") as sock:
+        while count := sock.recv_into(buffer):
+            digest.update(memoryview(buffer)[:count])
+            received += count
+    elapsed = time.perf_counter() - start
+    if received != size or digest.hexdigest() != expected:
+        raise RuntimeError(f"download arrived damaged: {received} of {size} bytes, sha256 mismatch")
+    return elapsed
+
+
+def transfer(port: int, bulk_port: int, direction: str, payloads: list[bytes], digests: list[str]) -> float:
+    """N parallel transfers (one per payload, seed = index); aggregate MB/s over the wall time."""
+    if direction == "download":
+        for seed, payload in enumerate(payloads):
+            prepare(bulk_port, len(payload), seed)
+
+    def work(index: int) -> float:
+        if direction == "upload":
+            return upload(port, payloads[index])
+        return download(port, len(payloads[index]), index, digests[index])
+
+    start = time.perf_counter()
+    results = _stack.in_threads(len(payloads), work)
+    wall = time.perf_counter() - start
+    failures = [r for r in results if isinstance(r, Exception)]
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {len(payloads)} transfers failed: {failures[0]}")
+    return sum(len(p) for p in payloads) / wall / 1e6
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    counts = [int(c) for c in args.connections.split(",")]
+    directions = [d for d in ("upload", "download") if d in args.directions.split(",")]
+    total = args.mib * (1 << 20)
+    figures: dict[str, dict[str, dict[str, list[float]]]] = {}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pam-bench-") as tmp, \
+            _stack.Stack(Path(tmp), [_stack.GatewaySpec(GATEWAY)], ssh=False,
+                         gateway_uvloop=args.gateway_uvloop) as stack:
+        bulk_port = stack.tcp_ports["bulk"]
+        runtime = stack.runtime(("127.0.0.1",))
+        tunnel = _stack.open_tunnel(runtime, "bulk", ConnectOptions())
+        try:
+            for n in counts:
+                size = total // n
+                payloads = [make_payload(size, seed) for seed in range(n)]
+                digests = [hashlib.sha256(p).hexdigest() for p in payloads]
+                per = figures.setdefault(str(n), {})
+                for index in range(args.runs):
+                    for direction in directions:
+                        for path, port in (("direct", bulk_port), ("tunnel", tunnel.port)):
+                            mbps = transfer(port, bulk_port, direction, payloads, digests)
+                            per.setdefault(direction, {}).setdefault(path, []).append(mbps)
+                print(f"{n} connection(s) done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+        finally:
+            _stack.close_tunnel(runtime, tunnel)
+            runtime.shutdown()
+    return report(figures, args, time.monotonic() - started)
+
+
+def report(figures: dict[str, Any], args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "meta": {**_stack.machine(), "mib_total": args.mib, "runs": args.runs, "elapsed_s": round(elapsed, 1),
+                 "gateway_loop": "uvloop" if args.gateway_uvloop else "asyncio",
+                 "unit": "MB/s = 10^6 bytes/s, aggregate over the connections; median of runs",
+                 "note": "client, gateway, target and load generator share the machine's cores"},
+        "connections": {}, "targets": {}}
+    for n, per in figures.items():
+        entry: dict[str, Any] = {}
+        for direction, paths in per.items():
+            tunnel = statistics.median(paths["tunnel"])
+            direct = statistics.median(paths["direct"])
+            entry[direction] = {"tunnel_mbps": round(tunnel, 2), "direct_mbps": round(direct, 2),
+                                "ratio_tunnel_to_direct": round(tunnel / direct, 4),
+                                "tunnel_samples": [round(x, 2) for x in paths["tunnel"]],
+                                "direct_samples": [round(x, 2) for x in paths["direct"]]}
+        entry["tunnel_mbps_min_direction"] = min(entry[d]["tunnel_mbps"] for d in per)
+        result["connections"][n] = entry
+        if int(n) in TARGETS_MBPS:
+            goal = TARGETS_MBPS[int(n)]
+            result["targets"][f"{n}_connection_tunnel_mbps >= {goal:g}"] = \
+                entry["tunnel_mbps_min_direction"] >= goal
+    return result
+
+
+def print_report(result: dict[str, Any]) -> None:
+    meta = result["meta"]
+    print(f"{meta['mib_total']} MiB per transfer (split over the connections), {meta['runs']} runs, "
+          f"gateway on {meta['gateway_loop']}, {meta['elapsed_s']:g} s")
+    print("connections  direction   tunnel MB/s   direct MB/s   tunnel/direct")
+    for n, entry in result["connections"].items():
+        for direction in ("upload", "download"):
+            if direction not in entry:
+                continue
+            e = entry[direction]
+            print(f"{n:>11}  {direction:<9} {e['tunnel_mbps']:12.1f} {e['direct_mbps']:13.1f} "
+                  f"{e['ratio_tunnel_to_direct']:15.4f}")
+    for name, met in result["targets"].items():
+        print(f"  {'met ' if met else 'MISS'} {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=64, help="MiB per transfer, split over the connections")
+    parser.add_argument("--connections", default="1,4", help="comma-separated connection counts (default 1,4)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported")
+    parser.add_argument("--directions", default="upload,download", help="upload, download or both (default)")
+    parser.add_argument("--gateway-uvloop", action="store_true", help="run the gateway agent on uvloop")
+    parser.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
+    args = parser.parse_args()
+    if args.mib < 1 or args.runs < 1:
+        parser.error("--mib and --runs must be >= 1")
+    result = run(args)
+    print_report(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
