@@ -31,13 +31,16 @@ MAX_COMMAND_BYTES = 4096
 MAX_TERMINAL_SIZE = 1000
 MAX_WS_MESSAGE_BYTES = 256 * 1024
 MAX_CONVERSATIONS_PER_USER = 64
+MAX_JSON_DEPTH = 32  # honest messages nest 5 deep; Python's own parser fails near 1,000
 
 ACTION_KINDS = ("offer", "icecandidate", "close", "resources", "ping")
 SESSION_MODES = ("tunnel", "terminal")
 
-_CONVERSATION_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_TERM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+# Used with fullmatch: "$" alone would let a trailing newline through into logs and file names.
+_CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TERM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # Data-plane channel ids (negotiated channels, so no DCEP round trip).
 CONTROL_CHANNEL_ID = 0
@@ -65,14 +68,40 @@ def _bad(message: str) -> ProtocolError:
 
 def check_name(value: Any, what: str) -> str:
     """A resource or gateway name: short, printable, no path tricks."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise _bad(f"{what} must be 1-64 characters of letters, digits, '.', '_' or '-'")
     return value
 
 
 def check_conversation_id(value: Any) -> str:
-    if not isinstance(value, str) or not _CONVERSATION_ID.match(value):
+    if not isinstance(value, str) or not _CONVERSATION_ID.fullmatch(value):
         raise _bad("conversation_id must be 8-64 characters of letters, digits, '_' or '-'")
+    return value
+
+
+def parse_json(text: str | bytes, what: str = "body") -> Any:
+    """JSON that is safe to walk: UTF-8, no lone surrogates, at most MAX_JSON_DEPTH levels deep.
+
+    Every JSON text from another party goes through here: the stdlib parser raises
+    RecursionError on deep nesting, and a lone surrogate breaks any later encode().
+    """
+    try:
+        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _bad(f"{what} is not valid JSON ({exc.__class__.__name__})") from None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:  # iterative, so the check itself cannot recurse too deep
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise _bad(f"{what} holds a string that is not valid Unicode")
+            continue
+        if not isinstance(item, (list, dict)):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise _bad(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+        children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children)
     return value
 
 
@@ -80,10 +109,7 @@ def parse_json_body(raw: bytes) -> Any:
     """Parse a request body, refusing oversized or malformed input with a clear reason."""
     if len(raw) > MAX_BODY_BYTES:
         raise ProtocolError(413, f"body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}", "too_large")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(f"body is not valid JSON ({exc.__class__.__name__})") from None
+    return parse_json(raw, "body")
 
 
 # --- ICE candidates -------------------------------------------------------------------
@@ -243,10 +269,10 @@ def validate_session(value: Any) -> SessionRequest:
     if mode not in SESSION_MODES:
         raise _bad(f"session.mode must be one of {', '.join(SESSION_MODES)}")
     term = value.get("term", "xterm-256color")
-    if not isinstance(term, str) or not _TERM.match(term):
+    if not isinstance(term, str) or not _TERM.fullmatch(term):
         raise _bad("session.term must be a terminal type name such as xterm-256color")
     command = value.get("command")
-    if command is not None and (not isinstance(command, str) or not command
+    if command is not None and (not isinstance(command, str) or not command or _SURROGATE.search(command)
                                 or len(command.encode()) > MAX_COMMAND_BYTES or "\x00" in command):
         raise _bad(f"session.command must be a non-empty string under {MAX_COMMAND_BYTES} bytes")
     pty = value.get("pty", True)
@@ -328,10 +354,7 @@ def parse_control_message(text: str) -> dict[str, Any]:
     """A data-plane control message; anything malformed is a ProtocolError (never a crash)."""
     if not isinstance(text, str) or len(text) > 8192:
         raise _bad("control message too long")
-    try:
-        message = json.loads(text)
-    except json.JSONDecodeError:
-        raise _bad("control message is not JSON") from None
+    message = parse_json(text, "control message")
     if not isinstance(message, dict) or not isinstance(message.get("op"), str):
         raise _bad("control message needs an 'op'")
     return message
