@@ -1,10 +1,10 @@
 """Tunnel throughput vs direct loopback TCP, in the same run, every transfer sha256-checked.
 
 The bulk target (benchmarks/tcp_target.py) and the gateway agent run as separate processes;
-the client runtime runs here, on its own loop thread, with the load (plain sockets) on other
-threads. For each connection count N the --mib total is split over N parallel connections,
-once straight to the target ("direct") and once through one `pam tunnel start` ("tunnel"),
-upload (client -> target) and download (target -> client) apart. MB/s is 10^6 bytes per second,
+the client runtime runs here, on its own loop thread; the load (benchmarks/tcp_load.py) is one
+more process, as a tunnel's real user is. For each connection count N the --mib total is split
+over N parallel connections, once straight to the target ("direct") and once through one
+`pam tunnel start` ("tunnel"), upload (client -> target) and download (target -> client) apart. MB/s is 10^6 bytes per second,
 aggregate over the N connections; the figure per (N, direction, path) is the median of --runs.
 Everything shares this machine's cores: client, gateway, target and load generator.
 
@@ -13,10 +13,9 @@ Everything shares this machine's cores: client, gateway, target and load generat
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,90 +23,25 @@ from pathlib import Path
 from typing import Any
 
 import _stack
-from tcp_target import make_payload
 from commander_pam_plugin.negotiation import ConnectOptions
 
 GATEWAY = "gw-main"
-BLOCK = 1 << 20
 TARGETS_MBPS = {1: 20.0, 4: 25.0}
 
 
-def _request(port: int, line: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-    sock.sendall(line.encode() + b"\n")
-    return sock
-
-
-def _read_line(sock: socket.socket) -> bytes:
-    line = b""
-    while not line.endswith(b"\n"):
-        block = sock.recv(256)
-        if not block:
-            break
-        line += block
-    return line.strip()
-
-
-def upload(port: int, payload: bytes) -> float:
-    """PUT: send payload, the target answers its sha256; returns seconds (raises if it differs)."""
-    start = time.perf_counter()
-    with _request(port, f"PUT {len(payload)}") as sock:
-        view = memoryview(payload)
-        for offset in range(0, len(view), BLOCK):
-            sock.sendall(view[offset:offset + BLOCK])
-        answer = _read_line(sock).decode()
-    elapsed = time.perf_counter() - start
-    if answer != hashlib.sha256(payload).hexdigest():
-        raise RuntimeError(f"upload of {len(payload)} bytes arrived damaged (sha256 {answer[:12]}...)")
-    return elapsed
-
-
-def prepare(bulk_port: int, size: int, seed: int) -> None:
-    """Have the target make a download's bytes ahead, so making them is not timed."""
-    with _request(bulk_port, f"PREP {size} {seed}") as sock:
-        if _read_line(sock) != b"ok":
-            raise RuntimeError("the target did not prepare the download")
-
-
-def download(port: int, size: int, seed: int, expected: str) -> float:
-    """GET a prepared payload; returns seconds (raises if its sha256 differs)."""
-    digest, received = hashlib.sha256(), 0
-    buffer = bytearray(BLOCK)
-    start = time.perf_counter()
-    with _request(port, f"GET {size} {seed}") as sock:
-        while count := sock.recv_into(buffer):
-            digest.update(memoryview(buffer)[:count])
-            received += count
-    elapsed = time.perf_counter() - start
-    if received != size or digest.hexdigest() != expected:
-        raise RuntimeError(f"download arrived damaged: {received} of {size} bytes, sha256 mismatch")
-    return elapsed
-
-
-def transfer(port: int, bulk_port: int, direction: str, payloads: list[bytes], digests: list[str]) -> float:
-    """N parallel transfers (one per payload, seed = index); aggregate MB/s over the wall time."""
-    if direction == "download":
-        for seed, payload in enumerate(payloads):
-            prepare(bulk_port, len(payload), seed)
-
-    def work(index: int) -> float:
-        if direction == "upload":
-            return upload(port, payloads[index])
-        return download(port, len(payloads[index]), index, digests[index])
-
-    start = time.perf_counter()
-    results = _stack.in_threads(len(payloads), work)
-    wall = time.perf_counter() - start
-    failures = [r for r in results if isinstance(r, Exception)]
-    if failures:
-        raise RuntimeError(f"{len(failures)} of {len(payloads)} transfers failed: {failures[0]}")
-    return sum(len(p) for p in payloads) / wall / 1e6
+def transfer(port: int, bulk_port: int, direction: str, mib: int, connections: int) -> float:
+    """One load process (benchmarks/tcp_load.py): aggregate MB/s of N checked transfers."""
+    result = subprocess.run([sys.executable, str(_stack.HERE / "tcp_load.py"), "--port", str(port),
+                             "--bulk-port", str(bulk_port), "--direction", direction, "--mib", str(mib),
+                             "--connections", str(connections)], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(f"{direction} through port {port} failed: {result.stderr.strip()[-500:]}")
+    return float(json.loads(result.stdout)["mbps"])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = [int(c) for c in args.connections.split(",")]
     directions = [d for d in ("upload", "download") if d in args.directions.split(",")]
-    total = args.mib * (1 << 20)
     figures: dict[str, dict[str, dict[str, list[float]]]] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pam-bench-") as tmp, \
@@ -118,14 +52,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tunnel = _stack.open_tunnel(runtime, "bulk", ConnectOptions())
         try:
             for n in counts:
-                size = total // n
-                payloads = [make_payload(size, seed) for seed in range(n)]
-                digests = [hashlib.sha256(p).hexdigest() for p in payloads]
                 per = figures.setdefault(str(n), {})
                 for index in range(args.runs):
                     for direction in directions:
                         for path, port in (("direct", bulk_port), ("tunnel", tunnel.port)):
-                            mbps = transfer(port, bulk_port, direction, payloads, digests)
+                            mbps = transfer(port, bulk_port, direction, args.mib, n)
                             per.setdefault(direction, {}).setdefault(path, []).append(mbps)
                 print(f"{n} connection(s) done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
         finally:
