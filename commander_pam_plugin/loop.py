@@ -99,12 +99,3 @@ class BackgroundLoop:
         if not thread.is_alive():
             loop.close()
 
-
-async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
-    """Wait for an asyncio.Event with an optional timeout; True if it was set."""
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-        return True
-    except asyncio.TimeoutError:
-        return False
-

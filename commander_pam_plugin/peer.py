@@ -40,6 +40,7 @@ class ClientPeer:
                                                       id=protocol.TERMINAL_CHANNEL_ID)
         self.ready = asyncio.Event()
         self.lost = asyncio.Event()
+        self._settled = asyncio.Event()  # ready or lost, whichever comes first
         self.lost_reason = ""
         self.ice_connected = asyncio.Event()
         self.ice_connected_callback: Callable[[], None] | None = None
@@ -52,7 +53,7 @@ class ClientPeer:
         self._next_stream_id = protocol.FIRST_STREAM_ID
         self._streams: dict[int, RTCDataChannel] = {}
         self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
-        self.control.on("open", self.ready.set)
+        self.control.on("open", self._on_ready)
         self.control.on("close", lambda: self.mark_lost("the gateway closed the session"))
         self.control.on("message", self._on_control_message)
         self.pc.on("connectionstatechange", self._on_state)
@@ -125,19 +126,18 @@ class ClientPeer:
             return
         self.lost_reason = reason
         self.lost.set()
+        self._settled.set()
         log.debug("peer lost: %s", reason)
 
     async def wait_ready(self) -> None:
         """Until the control channel is open; PeerLost if the peer goes first."""
-        ready = asyncio.ensure_future(self.ready.wait())
-        lost = asyncio.ensure_future(self.lost.wait())
-        try:
-            await asyncio.wait({ready, lost}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-            lost.cancel()
+        await self._settled.wait()
         if not self.ready.is_set():
             raise PeerLost(self.lost_reason)
+
+    def _on_ready(self) -> None:
+        self.ready.set()
+        self._settled.set()
 
     # --- channels -----------------------------------------------------------------------
 
