@@ -43,6 +43,7 @@ def launch(ctx: Any, args: argparse.Namespace) -> int:
 
 def tunnel_start(ctx: Any, args: argparse.Namespace) -> int:
     runtime = get_runtime()
+    runtime.router()  # may start the embedded default: not part of the connect time
     total = ConnectTiming("pam-tunnel:total", hook=ctx.hook)
     timing = total.child("pam-tunnel:webrtc-tunnel")
     ref = runtime.resolve(ctx.hook, args.resource)

@@ -91,8 +91,10 @@ def _terminal_type() -> str:
 def run_launch(ctx: Any, args: argparse.Namespace) -> int:
     runtime = get_runtime()
     stderr = getattr(ctx, "stderr", None) or sys.stderr
+    # May start the embedded default (it announces itself): before the progress line, and not
+    # counted as connect time.
+    runtime.router()
     total = ConnectTiming("pam-launch:total", hook=ctx.hook)
-    runtime.router()  # may start the embedded default, which announces itself: before the progress line
     webrtc = total.child("pam-launch:webrtc-tunnel")
     cli = total.child("pam-launch:cli_session")
     progress = ProgressIndicator(stderr)
