@@ -22,6 +22,7 @@ WAIT = 20.0
 
 def write_toml(path: Path, text: str) -> Path:
     path.write_text(text)
+    path.chmod(0o600)  # it holds tokens: pam-gateway refuses it otherwise
     return path
 
 

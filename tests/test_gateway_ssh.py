@@ -84,6 +84,7 @@ def test_private_key_auth_and_known_hosts(ssh, tmp_path):
     stranger.write_text(f"[127.0.0.1]:{ssh.port} {other_key}\n")
     key_file = tmp_path / "id_ed25519"
     key_file.write_bytes(USER_KEY.export_private_key())
+    key_file.chmod(0o600)  # pam-gateway refuses a key file others can read, as ssh does
     resources = [ssh_resource(ssh, "by-key", private_key=str(key_file), known_hosts=str(trusted)),
                  ssh_resource(ssh, "inline-key", private_key=USER_KEY.export_private_key().decode(),
                               known_hosts=str(trusted)),

@@ -13,13 +13,13 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 
 from ..protocol import (ALL_CAPABILITIES, CAP_BATCH, CAP_TRICKLE, GATEWAY_VERSION, MAX_WS_MESSAGE_BYTES,
-                        Action, CandidateBatch, ProtocolError, validate_action, validate_icecandidate_data,
-                        validate_offer_data)
+                        Action, CandidateBatch, ProtocolError, parse_json, validate_action,
+                        validate_icecandidate_data, validate_offer_data)
 from .answerer import MAX_REMOTE_CANDIDATES, AnswerSession
 from .config import GatewaySettings
 
@@ -36,6 +36,16 @@ OUTBOX_LIMIT = 1024
 EARLY_CONVERSATIONS = 64
 EARLY_TTL_S = 60.0
 CANDIDATE_HISTORY = 256
+
+
+def backoff_delays(rng: random.Random | None = None) -> Iterator[float]:
+    """Waits between redials: doubling from BACKOFF_MIN_S to BACKOFF_MAX_S, each drawn from
+    [d/2, d] so gateways that lost the same router do not all redial at the same instant."""
+    rng = rng or random.Random()
+    delay = BACKOFF_MIN_S
+    while True:
+        yield delay * rng.uniform(0.5, 1.0)
+        delay = min(delay * 2, BACKOFF_MAX_S)
 
 
 class RouterRefused(Exception):
@@ -71,21 +81,25 @@ class GatewayAgent:
         self.offline = asyncio.Event()
         self.offline.set()
         self._early: OrderedDict[str, _EarlyCandidates] = OrderedDict()
-        self._outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX_LIMIT)
+        # (link generation for a reply, None for an event, frame text)
+        self._outbox: asyncio.Queue[tuple[int | None, str]] = asyncio.Queue(OUTBOX_LIMIT)
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Future[Any]] = set()
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        # Bumped whenever the router link drops: a reply belongs to the link its action came
+        # on. Sent on a later link it could match another user's request id on a restarted router.
+        self._link_generation = 0
 
     # --- router link -----------------------------------------------------------------------
 
     async def run(self) -> None:
         """Stay connected until stop(): reconnect with exponential backoff and jitter."""
-        delay = BACKOFF_MIN_S
+        delays = backoff_delays()
         async with aiohttp.ClientSession() as http:
             while not self._stopping.is_set():
                 try:
                     if await self._serve_link(http):
-                        delay = BACKOFF_MIN_S
+                        delays = backoff_delays()
                 except RouterRefused as exc:
                     log.error("router %s refused gateway %s: %s", self.router_url, self.name, exc)
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
@@ -93,10 +107,9 @@ class GatewayAgent:
                 if self._stopping.is_set():
                     break
                 try:
-                    await asyncio.wait_for(self._stopping.wait(), delay * random.uniform(0.5, 1.0))
+                    await asyncio.wait_for(self._stopping.wait(), next(delays))
                 except asyncio.TimeoutError:
                     pass
-                delay = min(delay * 2, BACKOFF_MAX_S)
 
     async def _serve_link(self, http: aiohttp.ClientSession) -> bool:
         """One connection: hello, welcome, then actions until it drops. True if welcomed."""
@@ -118,6 +131,7 @@ class GatewayAgent:
                     if message.type == aiohttp.WSMsgType.TEXT:
                         self._dispatch(message.data)
             finally:
+                self._link_generation += 1
                 self.online.clear()
                 self.offline.set()
                 self._ws = None
@@ -130,12 +144,16 @@ class GatewayAgent:
     async def _write(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """The only writer on the link, so replies and events keep their order."""
         while True:
-            text = await self._outbox.get()
-            await ws.send_str(text)
+            generation, text = await self._outbox.get()
+            if generation is None or generation == self._link_generation:
+                await ws.send_str(text)
+            else:
+                log.debug("gateway %s: dropping a reply whose router link is gone", self.name)
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: dict[str, Any], generation: int | None = None) -> None:
+        """Queue a frame; a reply carries the link generation its action came on."""
         try:
-            self._outbox.put_nowait(json.dumps(message, separators=(",", ":")))
+            self._outbox.put_nowait((generation, json.dumps(message, separators=(",", ":"))))
         except asyncio.QueueFull:
             log.warning("gateway %s: router link backlog full; dropping a %s", self.name, message.get("type"))
 
@@ -158,17 +176,17 @@ class GatewayAgent:
 
     def _dispatch(self, text: str) -> None:
         try:
-            message = json.loads(text)
-        except json.JSONDecodeError:
-            log.warning("gateway %s: router sent a frame that is not JSON", self.name)
+            message = parse_json(text, "frame")
+        except ProtocolError as exc:
+            log.warning("gateway %s: router sent a bad frame: %s", self.name, exc.message)
             return
         if not isinstance(message, dict) or message.get("type") != "action":
             return
-        task = asyncio.ensure_future(self._handle(message))
+        task = asyncio.ensure_future(self._handle(message, self._link_generation))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, message: dict[str, Any]) -> None:
+    async def _handle(self, message: dict[str, Any], generation: int) -> None:
         request_id = message.get("id")
         user = message.get("user")
         followup = None
@@ -185,7 +203,7 @@ class GatewayAgent:
             log.exception("gateway %s: %s action failed", self.name, message.get("kind"))
             reply = {"type": "reply", "id": request_id, "ok": False, "status": 500,
                      "error": "the gateway failed to handle this action; see its log"}
-        self._send(reply)
+        self._send(reply, generation)
         if followup is not None:
             await followup
 
@@ -227,6 +245,7 @@ class GatewayAgent:
         session = AnswerSession(cid, user, resource, offer.session, self.settings,
                                 lambda event: self.emit(cid, event), self._session_ended)
         self.sessions[cid] = session
+        log.info("conversation %s (%s, %s) opened: %s", cid, user, resource.name, offer.session.mode)
         self.applied_candidates[cid] = session.remote_candidates
         while len(self.applied_candidates) > CANDIDATE_HISTORY:
             self.applied_candidates.popitem(last=False)
@@ -290,7 +309,7 @@ class GatewayAgent:
 
 def _message_type(text: str) -> Any:
     try:
-        message = json.loads(text)
-    except json.JSONDecodeError:
+        message = parse_json(text, "frame")
+    except ProtocolError:
         return None
     return message.get("type") if isinstance(message, dict) else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,9 @@ DEFAULT_LISTEN = ("127.0.0.1", 8470)
 DEFAULT_RATE = 50.0
 DEFAULT_BURST = 100
 DEFAULT_REPLY_TIMEOUT_S = 15.0
-DEFAULT_ICE_TIMEOUT_S = 30.0
+# A client that vanishes before its peer connects is freed this long after its offer (after
+# connecting, ICE consent notices in about 3 s); an honest connect needs well under 1 s here.
+DEFAULT_ICE_TIMEOUT_S = 8.0
 RESOURCE_KINDS = ("tcp", "ssh")
 MIN_TOKEN_LENGTH = 16
 
@@ -261,9 +264,15 @@ def _private_key(reader: _Reader) -> str | None:
     else:
         path = reader.path("private_key")
         try:
-            text = path.read_text()
+            with open(path, encoding="utf-8") as handle:
+                _require_private(handle.fileno(), path, "a private key")
+                text = handle.read()
         except OSError as exc:
             raise reader.error("private_key", f"cannot read {path} ({exc.strerror})") from None
+        except ConfigError as exc:
+            raise reader.error("private_key", str(exc)) from None
+        except UnicodeDecodeError:
+            raise reader.error("private_key", "is not a readable unencrypted private key") from None
     try:
         asyncssh.import_private_key(text)
     except Exception:
@@ -352,15 +361,35 @@ def config_from_dict(data: Mapping[str, Any], source: str = "<config>", base: Pa
     return Config(source, _router(root, gateway), gateway)
 
 
+def _require_private(fd: int, path: Path, holds: str) -> None:
+    """Refuse a file holding secrets that group or others may read or write, as ssh does."""
+    mode = os.fstat(fd).st_mode
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{path} holds {holds} but group or others can access it "
+                          f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+
+
+def _holds_secrets(data: Mapping[str, Any]) -> bool:
+    """Tokens ([[users]], [[gateways]], [gateway]) or credentials inline in [[resources]]."""
+    tables = [*(data.get("users") or []), *(data.get("gateways") or []), data.get("gateway") or {}]
+    resources = data.get("resources") or []
+    return (any(isinstance(t, dict) and "token" in t for t in tables)
+            or any(isinstance(r, dict) and ("password" in r or "-----BEGIN" in str(r.get("private_key", "")))
+                   for r in resources))
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a TOML config file."""
+    """Read and validate a TOML config file; one that holds a secret must be private (0600)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as handle:
+            raw = handle.read()
+            try:
+                data = tomllib.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+            if _holds_secrets(data):
+                _require_private(handle.fileno(), path, "tokens or credentials")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     return config_from_dict(data, str(path), path.resolve().parent)

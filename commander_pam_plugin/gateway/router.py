@@ -21,7 +21,7 @@ from typing import Any, Callable
 from aiohttp import WSMsgType, web
 
 from ..protocol import (MAX_BODY_BYTES, MAX_CONVERSATIONS_PER_USER, MAX_WS_MESSAGE_BYTES, PROTOCOL_VERSION,
-                        Action, ProtocolError, check_conversation_id, check_name, parse_json_body,
+                        Action, ProtocolError, check_conversation_id, check_name, parse_json, parse_json_body,
                         validate_action)
 from .config import RouterSettings
 
@@ -339,8 +339,9 @@ class Router:
             if created and conversation.stream is None:
                 self._drop(action.conversation_id)
             raise
-        if action.kind == "close":
-            self._drop(action.conversation_id)
+        finally:
+            if action.kind == "close":  # the client is done with it, whatever the gateway said
+                self._drop(action.conversation_id)
         # The gateway's version and capabilities ride on every reply, so a client never pays
         # a separate round trip to learn them before its first offer.
         return web.json_response({"ok": True, "data": data, "gateway": {
@@ -399,7 +400,10 @@ class Router:
             writer.cancel()
             if conversation.stream is out:
                 conversation.stream = None
-                if conversation.gateway is None and self.conversations.get(conversation_id) is conversation:
+                # Nobody listens any more and no gateway will end it (none bound, or its gateway
+                # went offline and took the session with it): forget it, or it counts forever.
+                gone = conversation.gateway is None or conversation.gateway not in self.gateways
+                if gone and self.conversations.get(conversation_id) is conversation:
                     del self.conversations[conversation_id]
         return ws
 
@@ -440,8 +444,8 @@ class Router:
         """Read and check the hello; register the link (replacing an older one) and welcome it."""
         try:
             message = await asyncio.wait_for(ws.receive(), HELLO_TIMEOUT_S)
-            hello = json.loads(message.data) if message.type == WSMsgType.TEXT else None
-        except (asyncio.TimeoutError, json.JSONDecodeError):
+            hello = parse_json(message.data, "hello") if message.type == WSMsgType.TEXT else None
+        except (asyncio.TimeoutError, ProtocolError):
             hello = None
         if not isinstance(hello, dict) or hello.get("type") != "hello" or not isinstance(hello.get("version"), str) \
                 or not isinstance(hello.get("capabilities", []), list):
@@ -467,14 +471,15 @@ class Router:
         for observer in self._observers:
             observer(link.name, "in", text)
         try:
-            message = json.loads(text)
-        except json.JSONDecodeError:
-            log.warning("router: gateway %s sent a frame that is not JSON", link.name)
+            message = parse_json(text, "frame")
+        except ProtocolError as exc:
+            log.warning("router: gateway %s sent a bad frame: %s", link.name, exc.message)
             return
         if not isinstance(message, dict):
             return
         if message.get("type") == "reply":
-            future = link.pending.get(message.get("id"))
+            request_id = message.get("id")
+            future = link.pending.get(request_id) if isinstance(request_id, int) else None
             if future is not None and not future.done():
                 future.set_result(message)
         elif message.get("type") == "event":
