@@ -131,15 +131,20 @@ def tunnel_list(ctx: Any, args: argparse.Namespace) -> int:
     if not rows:
         print("no tunnels", file=out)
         return 0
-    header = ("ID", "RESOURCE", "LOCAL", "STATE", "CONNS", "BYTES OUT", "BYTES IN", "AGE")
-    table = [header] + [(r["id"], r["resource"], r["local_address"],
-                         r["state"] + (f" ({r['reason']})" if r["reason"] else ""),
-                         str(r["connections"]), str(r["bytes_out"]), str(r["bytes_in"]),
-                         f"{r['age_s']:.0f}s") for r in rows]
+    _print_table(out, ("ID", "RESOURCE", "LOCAL", "STATE", "CONNS", "BYTES OUT", "BYTES IN", "AGE"),
+                 [(r["id"], r["resource"], r["local_address"],
+                   r["state"] + (f" ({r['reason']})" if r["reason"] else ""),
+                   str(r["connections"]), str(r["bytes_out"]), str(r["bytes_in"]), f"{r['age_s']:.0f}s")
+                  for r in rows])
+    return 0
+
+
+def _print_table(out: Any, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns, two spaces apart, no trailing blanks."""
+    table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip(), file=out)
-    return 0
 
 
 def tunnel_stop(ctx: Any, args: argparse.Namespace) -> int:
@@ -165,11 +170,8 @@ def resources(ctx: Any, args: argparse.Namespace) -> int:
     if not items:
         print("no resources available to you", file=out)
         return 0
-    rows = [("NAME", "KIND", "GATEWAY")] + [(str(r.get("name")), str(r.get("kind")), str(r.get("gateway")))
-                                             for r in items]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip(), file=out)
+    _print_table(out, ("NAME", "KIND", "GATEWAY"),
+                 [(str(r.get("name")), str(r.get("kind")), str(r.get("gateway"))) for r in items])
     return 0
 
 

@@ -68,7 +68,7 @@ class PamRuntime:
                            status=2)
         record = hook.pam_resolve_resource(name=name) if hook is not None else None
         if isinstance(record, dict) and record.get("gateway"):
-            return ResourceRef(name, str(record["gateway"]), str(record.get("kind", "tcp")))
+            return ResourceRef(str(record.get("name") or name), str(record["gateway"]), str(record.get("kind", "tcp")))
         router = self.router()
         resources = router.resources(max_age_s=RESOURCE_CACHE_S)
         for attempt in range(2):
