@@ -49,6 +49,10 @@ class GatewayInfo:
         return protocol.CAP_BATCH in self.capabilities
 
 
+class RouterTimeout(PamError):
+    """The router did not answer within the time allowed (the caller may name what it waited for)."""
+
+
 class RouterClient:
     """A keep-alive HTTP session to one router for one user token."""
 
@@ -68,15 +72,16 @@ class RouterClient:
     def __repr__(self) -> str:
         return f"RouterClient({self.base_url!r})"
 
-    def _request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    def _request(self, method: str, path: str, body: Any = None,
+                 read_timeout: float = READ_TIMEOUT_S) -> dict[str, Any]:
         url = self.base_url + path
         try:
             response = self.session.request(method, url, json=body,
-                                            timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S))
+                                            timeout=(min(CONNECT_TIMEOUT_S, read_timeout), read_timeout))
         except requests.ConnectionError as exc:
             raise PamError(f"cannot reach the router at {self.base_url}: {_reason(exc)}") from None
         except requests.Timeout:
-            raise PamError(f"the router at {self.base_url} did not answer in time") from None
+            raise RouterTimeout(f"the router at {self.base_url} did not answer in time") from None
         try:
             payload = response.json()
         except ValueError:
@@ -117,9 +122,9 @@ class RouterClient:
             self._gateways.pop(gateway, None)
 
     def action(self, gateway: str, kind: str, conversation_id: str, data: dict[str, Any],
-               trickle: bool) -> dict[str, Any]:
+               trickle: bool, timeout: float = READ_TIMEOUT_S) -> dict[str, Any]:
         body = {"conversation_id": conversation_id, "kind": kind, "data": data, "trickle_ice": trickle}
-        payload = self._request("POST", f"/api/v1/gateways/{quote(gateway, safe='')}/actions", body)
+        payload = self._request("POST", f"/api/v1/gateways/{quote(gateway, safe='')}/actions", body, timeout)
         if isinstance(payload.get("gateway"), dict):
             self._learn(gateway, payload["gateway"])
         result = payload.get("data", {})
@@ -420,7 +425,11 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
             time.sleep(options.legacy_backend_delay_s)  # compatibility profile only, default off
 
     offer = {"type": "offer", "sdp": sdp, "resource": resource, "session": session.to_json()}
-    reply = router.action(gateway, "offer", conversation_id, offer, trickle)
+    try:  # the reply may be held up at the gateway; the connect deadline bounds the wait
+        reply = router.action(gateway, "offer", conversation_id, offer, trickle,
+                              timeout=_remaining(deadline, phase, resource, options))
+    except RouterTimeout:
+        raise _timeout(phase, resource, options) from None
     learnt = router.known_gateway(gateway)
     if learnt is not None and not learnt.batch:
         sender.batch = False  # before go_live: nothing has been sent yet
