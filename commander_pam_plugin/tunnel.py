@@ -219,7 +219,9 @@ class Tunnel:
                 return
             await ChannelPump(channel, reader, writer, self.stats).run()
         except asyncio.CancelledError:
-            raise
+            # Only our own stop cancels this handler. End it normally: Python < 3.12 calls
+            # task.exception() on a cancelled start_server handler and logs a bogus error.
+            return
         except Exception as exc:  # one connection's failure never takes the tunnel down
             self.stats.last_error = f"{exc.__class__.__name__}: {exc}"[:200]
             log.debug("tunnel %s connection failed", self.id, exc_info=True)
@@ -252,4 +254,5 @@ class Tunnel:
                 "state": self.state, "reason": self.reason,
                 "connections": self.stats.connections_open, "connections_total": self.stats.connections_total,
                 "bytes_out": self.stats.bytes_out, "bytes_in": self.stats.bytes_in,
-                "refused": self.stats.refused, "age_s": round(time.time() - self.started, 1)}
+                "refused": self.stats.refused, "last_error": self.stats.last_error,
+                "age_s": round(time.time() - self.started, 1)}
