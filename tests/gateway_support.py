@@ -278,7 +278,17 @@ class ClientPeer:
         self.terminal = (ChannelReader(self.pc.createDataChannel("terminal", negotiated=True, id=TERMINAL_CHANNEL_ID))
                          if mode == "terminal" else None)
         self._connected = asyncio.Event()
+        self._open_replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.control.channel.on("message", self._on_control)
         self.pc.on("connectionstatechange", self._on_state)
+
+    def _on_control(self, message: Any) -> None:
+        """Hand each 'opened'/'refused' to the open_stream() waiting for that id (many wait at once)."""
+        reply = json.loads(message) if isinstance(message, str) else None
+        if isinstance(reply, dict) and reply.get("op") in ("opened", "refused"):
+            future = self._open_replies.get(reply.get("id"))
+            if future is not None and not future.done():
+                future.set_result(reply)
 
     def _on_state(self) -> None:
         if self.pc.connectionState == "connected":
@@ -300,11 +310,12 @@ class ClientPeer:
     async def open_stream(self, stream_id: int) -> tuple[ChannelReader, dict[str, Any]]:
         """Tunnel connection: channel N, then 'open' N; returns it with the 'opened'/'refused' reply."""
         reader = ChannelReader(self.pc.createDataChannel(f"stream-{stream_id}", negotiated=True, id=stream_id))
+        future = self._open_replies[stream_id] = asyncio.get_running_loop().create_future()
         self.control.send_control("open", id=stream_id)
-        while True:
-            reply = await self.control.receive()
-            if isinstance(reply, dict) and reply.get("id") == stream_id and reply.get("op") in ("opened", "refused"):
-                return reader, reply
+        try:
+            return reader, await asyncio.wait_for(future, WAIT)
+        finally:
+            del self._open_replies[stream_id]
 
     async def close(self) -> None:
         await self.pc.close()
