@@ -88,10 +88,8 @@ def _print_started(ctx: Any, args: argparse.Namespace, tunnel: Tunnel, total: Co
 
 def _run_through(ctx: Any, runtime: Any, tunnel: Tunnel, command: str) -> int:
     """Run CMD with {host}/{port} filled in (and PAM_TUNNEL_HOST/PORT set); its status is ours."""
-    try:
-        line = command.format(host=tunnel.host, port=tunnel.port)
-    except (KeyError, IndexError, ValueError):
-        line = command
+    # Only these two placeholders: CMD may hold other braces (curl -w '%{http_code}', shell ${VAR}).
+    line = command.replace("{host}", tunnel.host).replace("{port}", str(tunnel.port))
     env = dict(os.environ, PAM_TUNNEL_HOST=tunnel.host, PAM_TUNNEL_PORT=str(tunnel.port))
     try:
         status = subprocess.call(line, shell=True, env=env)

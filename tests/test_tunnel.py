@@ -271,3 +271,31 @@ def test_busy_port_unknown_resource_and_unreachable_router_are_one_line_errors(
     assert time.monotonic() - started < 3 + 2  # the issue's bound (3 s) plus interpreter start-up
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "cannot reach the router" in result.stderr
+
+
+@pytest.mark.skipif(not __import__("shutil").which("curl"), reason="needs the curl client")
+def test_curl_through_a_tunnel_with_braces_in_the_run_command(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real HTTP server and a real curl; CMD keeps its own braces (curl's -w '%{http_code}')."""
+    import functools
+    import hashlib
+    import http.server
+
+    (tmp_path / "www").mkdir()
+    blob = payload(3 * 1024 * 1024, seed=7)
+    (tmp_path / "www" / "blob.bin").write_bytes(blob)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        resources = [{"name": "web", "kind": "tcp", "host": "127.0.0.1", "port": server.server_address[1]}]
+        with EmbeddedGateway(make_config(resources)) as gw:
+            command = ("curl -s -w '%{http_code}' -o got.bin http://{host}:{port}/blob.bin")
+            result = subprocess.run([*SHELL, "pam", "tunnel", "start", "web", "--run", command], cwd=tmp_path,
+                                    env=_env(gw, tmp_path), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.endswith("200")
+        assert hashlib.sha256((tmp_path / "got.bin").read_bytes()).digest() == hashlib.sha256(blob).digest()
+    finally:
+        server.shutdown()
+        server.server_close()
