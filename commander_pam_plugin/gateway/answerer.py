@@ -236,7 +236,8 @@ class AnswerSession:
             try:
                 await stream.connect()
             except (OSError, asyncio.TimeoutError) as exc:
-                reason = f"{self.resource.name} refused the connection ({exc.__class__.__name__})"
+                reason = (f"{self.resource.name} refused the connection" if isinstance(exc, ConnectionRefusedError)
+                          else f"cannot connect to {self.resource.name} ({exc.__class__.__name__})")
                 self._send_control("refused", id=stream_id, reason=reason)
                 stream.pipe.close()
                 return

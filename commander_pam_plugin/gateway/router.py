@@ -308,6 +308,7 @@ class Router:
 
     async def _resources(self, request: web.Request) -> web.Response:
         user = self._user(request)
+        self._rate_limit(user)  # a `resources` action to every gateway at once: it counts
         links = list(self.gateways.values())
         replies = await asyncio.gather(*(self.call(link, user, Action("", "resources", {}, False))
                                          for link in links), return_exceptions=True)
