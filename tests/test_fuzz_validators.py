@@ -27,9 +27,14 @@ PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[Heal
 
 # --- strategies ----------------------------------------------------------------------------------
 
+def repeat(text: str, *counts: int) -> st.SearchStrategy[str]:
+    """Long strings built on demand (a literal in sampled_from would bloat every strategy's repr)."""
+    return st.sampled_from(counts).map(lambda count: text * count)
+
+
 any_text = st.text(st.characters(exclude_categories=()), max_size=48)  # surrogates included
-edge_text = st.sampled_from(["", " ", "\n", "echo\n", "a" * 65, "a" * 513, "\x00", "\ud800", "..", "../x",
-                             "%00", "é", "null", MARKER])
+edge_text = st.sampled_from(["", " ", "\n", "echo\n", "\x00", "\ud800", "..", "../x", "%00", "é", "null",
+                             MARKER]) | repeat("a", 65, 513)
 json_scalars = (st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats()
                 | any_text | edge_text)
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
@@ -37,10 +42,10 @@ json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=
 names = (st.sampled_from(["echo", "closed", "bob-only", "ssh", "gw-test", "offline-gw", "no-such"])
          | st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", fullmatch=True) | edge_text | json_values)
 conversation_ids = (st.from_regex(r"[A-Za-z0-9_-]{8,64}", fullmatch=True) | st.text(max_size=70)
-                    | st.sampled_from(["a" * 7, "a" * 64, "a" * 65, "abcdefgh\n", "abcd/efgh", MARKER])
+                    | st.sampled_from(["abcdefgh\n", "abcd/efgh", MARKER]) | repeat("a", 7, 64, 65)
                     | json_values)
 hosts = (st.ip_addresses(v=4).map(str) | st.ip_addresses(v=6).map(str)
-         | st.sampled_from(["127.0.0.1", "0.0.0.0", "host.local", "x" * 300, "", "1.2.3", "::ffff:1.2.3.4"])
+         | st.sampled_from(["127.0.0.1", "0.0.0.0", "host.local", "", "1.2.3", "::ffff:1.2.3.4"]) | repeat("x", 300)
          | any_text)
 candidate_lines = st.builds(
     lambda foundation, component, proto, priority, host, port, kind, extra:
@@ -50,17 +55,18 @@ candidate_lines = st.builds(
     st.integers(-2 ** 40, 2 ** 40), hosts, st.integers(-5, 70000),
     st.sampled_from(["host", "srflx", "relay", "prflx", "bogus", ""]),
     st.sampled_from(["", " generation 0", " raddr 1.2.3.4 rport 9", " tcptype active", " raddr", " ufrag"]),
-) | any_text | st.sampled_from(["candidate:", "candidate:1 1 udp 1 127.0.0.1 9 typ host", "c" * 600])
+) | any_text | st.sampled_from(["candidate:", "candidate:1 1 udp 1 127.0.0.1 9 typ host"]) | repeat("c", 600)
 candidates = (st.fixed_dictionaries({"candidate": candidate_lines},
-                                    optional={"sdpMid": st.none() | st.sampled_from(["0", "1", "x" * 40])
+                                    optional={"sdpMid": st.none() | st.sampled_from(["0", "1"]) | repeat("x", 40)
                                               | json_scalars,
                                               "sdpMLineIndex": st.integers(-2, 20) | json_scalars})
               | json_values)
 sessions = st.none() | json_values | st.fixed_dictionaries({}, optional={
     "mode": st.sampled_from(["tunnel", "terminal", "TUNNEL", ""]) | json_scalars,
-    "term": st.sampled_from(["xterm-256color", "vt100", "xterm\n", "x" * 65, "a b"]) | json_scalars,
+    "term": st.sampled_from(["xterm-256color", "vt100", "xterm\n", "a b"]) | repeat("x", 65) | json_scalars,
     "cols": st.integers(-1, 1002) | json_scalars, "rows": st.integers(-1, 1002) | json_scalars,
-    "command": st.sampled_from([None, "ls -l", "echo\x00", "x" * 4097, "é" * 2049, "\ud800"]) | any_text,
+    "command": st.sampled_from([None, "ls -l", "echo\x00", "\ud800"]) | repeat("x", 4097) | repeat("é", 2049)
+               | any_text,
     "pty": st.booleans() | json_scalars})
 
 
@@ -88,7 +94,8 @@ sdps = (st.deferred(lambda: st.just(real_offer_sdp()))
                                         st.sampled_from(["", "m=audio 9 RTP/AVP 0", "a=ice-ufrag:", "garbage",
                                                          "a=fingerprint:sha-256 zz", "a=candidate:junk"])
                                         | any_text))
-        | st.sampled_from(["", "v=0", "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n", "x" * 40000])
+        | st.sampled_from(["", "v=0", "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n"])
+        | repeat("x", 40000)
         | any_text | json_scalars)
 offer_data = json_values | st.fixed_dictionaries(
     {"sdp": sdps, "resource": names}, optional={"type": st.sampled_from(["offer", "answer"]) | json_scalars,
@@ -122,7 +129,7 @@ control_messages = st.one_of(
                                                   "cols": st.integers(-1, 1002) | json_scalars,
                                                   "rows": st.integers(-1, 1002) | json_scalars,
                                                   "status": json_scalars, "reason": json_scalars})),
-    json_values.map(json.dumps), any_text, st.just("[" * 3000), st.just("x" * 9000))
+    json_values.map(json.dumps), any_text, repeat("[", 3000), repeat("x", 9000))
 
 
 # --- the properties ------------------------------------------------------------------------------
