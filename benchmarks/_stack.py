@@ -33,7 +33,7 @@ from latency_proxy import LatencyProxy
 
 from commander_pam_plugin import protocol
 from commander_pam_plugin.config import PamConfig
-from commander_pam_plugin.loop import BackgroundLoop
+from commander_pam_plugin.gateway.embedded import LoopThread
 from commander_pam_plugin.negotiation import ConnectOptions, Session
 from commander_pam_plugin.runtime import PamRuntime
 from commander_pam_plugin.timing import ConnectTiming
@@ -100,7 +100,14 @@ def machine() -> dict[str, Any]:
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": model, "cores": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(),
             "aiortc": aiortc.__version__, "aioice": aioice.__version__, "uvloop": uv,
+            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],  # other work on the cores shows here
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process from /proc/PID/stat (fields 14 and 15, after the command name)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- helper processes ------------------------------------------------------------------------------
@@ -179,6 +186,10 @@ class AgentProcess:
             if f"gateway {self.name} online" in line:
                 self._online.set()
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the agent has used so far (every thread)."""
+        return process_cpu_seconds(self.process.pid)
+
     def rss_kib(self) -> int:
         """Resident memory now (VmRSS), in KiB."""
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
@@ -218,7 +229,8 @@ class Stack:
         self.token = secrets.token_urlsafe(24)
         self.children: list[JsonChild] = []
         self.agents: dict[str, AgentProcess] = {}
-        self.proxy_loop = BackgroundLoop("bench-proxies")
+        # The standard loop: LatencyProxy's teardown (write_eof on a closed peer) is quiet there.
+        self.proxy_loop = LoopThread("bench-proxies").start()
         self.proxies: list[LatencyProxy] = []
         self.router: JsonChild | None = None
         self.tcp_ports: dict[str, int] = {}
@@ -284,9 +296,9 @@ class Stack:
         def apply() -> None:
             for proxy in self.proxies:
                 proxy.one_way_s = seconds
-        self.proxy_loop.call_soon(apply)
+        self.proxy_loop.loop.call_soon_threadsafe(apply)
         done = threading.Event()
-        self.proxy_loop.call_soon(done.set)  # FIFO: once this runs, so has apply()
+        self.proxy_loop.loop.call_soon_threadsafe(done.set)  # FIFO: once this runs, so has apply()
         done.wait(5)
 
     def runtime(self, addresses: Sequence[str]) -> PamRuntime:
