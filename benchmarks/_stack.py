@@ -293,13 +293,10 @@ class Stack:
 
     def set_one_way(self, seconds: float) -> None:
         """The injected one-way delay on both signaling legs; applies to every chunk read from now on."""
-        def apply() -> None:
+        async def apply() -> None:
             for proxy in self.proxies:
                 proxy.one_way_s = seconds
-        self.proxy_loop.loop.call_soon_threadsafe(apply)
-        done = threading.Event()
-        self.proxy_loop.loop.call_soon_threadsafe(done.set)  # FIFO: once this runs, so has apply()
-        done.wait(5)
+        self.proxy_loop.run(apply(), 5)
 
     def runtime(self, addresses: Sequence[str]) -> PamRuntime:
         """A fresh client runtime (own loop thread, own router session): a freshly started shell."""
