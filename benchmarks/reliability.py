@@ -915,12 +915,16 @@ def router_restarted(runs: int, folder: Path) -> Row:
     return row
 
 
-def client_killed(runs: int, folder: Path, one_way_s: float = 1.0) -> Row:
-    """kill -9 a `pam tunnel start` client mid-session and mid-negotiation; the gateway frees its peer."""
+def client_killed(runs: int, folder: Path, one_way_s: float = 1.0, ice_timeout: float | None = None) -> Row:
+    """kill -9 a `pam tunnel start` client mid-session and mid-negotiation; the gateway frees its peer.
+
+    ice_timeout: the gateway's setting (None: its default, which the full run measures).
+    """
     row = Row("fault: client killed", "", runs * 2, "")
     freed: dict[str, list[float]] = {"mid-session": [], "mid-negotiation": []}
     with EchoServer() as echo:
-        config = make_config([echo_resource(echo)])
+        extra = {} if ice_timeout is None else {"ice_timeout": ice_timeout}
+        config = make_config([echo_resource(echo)], **extra)
         port = free_port()
         gateway = serve(config, folder, port)
         proxy_thread = LoopThread("latency-proxy").start()
