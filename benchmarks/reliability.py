@@ -1046,7 +1046,6 @@ class _StallingGateway:
 
     def __init__(self, url: str, name: str, gateway_token: str) -> None:
         self.url, self.name, self.token = url, name, gateway_token
-        self._pcs: list[Any] = []
 
     async def run(self, online: asyncio.Event) -> None:
         async with aiohttp.ClientSession() as http, http.ws_connect(
