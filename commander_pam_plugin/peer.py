@@ -54,7 +54,7 @@ class ClientPeer:
         self._streams: dict[int, RTCDataChannel] = {}
         self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
         self.control.on("open", self._on_ready)
-        self.control.on("close", lambda: self.mark_lost("the gateway closed the session"))
+        self.control.on("close", self._on_control_close)
         self.control.on("message", self._on_control_message)
         self.pc.on("connectionstatechange", self._on_state)
         self.pc.on("iceconnectionstatechange", self._on_ice_state)
@@ -113,6 +113,12 @@ class ClientPeer:
             self.ice_connected.set()
             if self.ice_connected_callback is not None:
                 self.ice_connected_callback()
+
+    def _on_control_close(self) -> None:
+        if self.pc.iceConnectionState in ("closed", "failed"):
+            self.mark_lost("the gateway stopped answering")  # ICE consent expired: killed or cut off
+        else:
+            self.mark_lost("the gateway closed the session")
 
     def _on_state(self) -> None:
         state = self.pc.connectionState

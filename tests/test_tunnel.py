@@ -81,6 +81,14 @@ def test_twenty_concurrent_connections_each_move_one_mib_intact(gateway: Embedde
         assert row["connections_total"] == 20 and row["bytes_out"] == row["bytes_in"] == 20 * 1024 * 1024
 
 
+def _refused_roundtrip(port: int, data: bytes) -> bytes:
+    """A round trip whose connection the tunnel may close before we finish sending (ENOTCONN/EPIPE)."""
+    try:
+        return echo_roundtrip(port, data)
+    except OSError:
+        return b""
+
+
 def test_a_refused_target_connection_ends_alone_and_the_tunnel_stays_up(
         echo: EchoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     closed_port = free_port()
@@ -91,13 +99,11 @@ def test_a_refused_target_connection_ends_alone_and_the_tunnel_stays_up(
             status, out, err = session.run("pam tunnel start flaky --json")
             assert status == 0, err
             port = json.loads(out)["port"]
-            assert echo_roundtrip(port, b"nobody home") == b""  # refused at the target: closed, no bytes
+            assert _refused_roundtrip(port, b"nobody home") == b""  # refused at the target: closed, no bytes
             status, out, _ = session.run("pam tunnel list --json")
             (row,) = json.loads(out)
             assert row["state"] == "up" and row["refused"] == 1
-            with EchoServer() as late:  # now something listens where the resource points? use a fresh echo
-                assert late.port != closed_port
-            assert echo_roundtrip(port, b"again") == b""
+            assert _refused_roundtrip(port, b"again") == b""
             assert json.loads(session.run("pam tunnel list --json")[1])[0]["refused"] == 2
 
 
