@@ -8,12 +8,13 @@ over N parallel connections, once straight to the target ("direct") and once thr
 aggregate over the N connections; the figure per (N, direction, path) is the median of --runs.
 Everything shares this machine's cores: client, gateway, target and load generator.
 
-    python benchmarks/throughput.py [--mib 64] [--connections 1,4] [--runs 3] [--json FILE]
+    python benchmarks/throughput.py [--mib 64] [--connections 1,4] [--runs 5] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,34 +43,46 @@ def transfer(port: int, bulk_port: int, direction: str, mib: int, connections: i
 def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = [int(c) for c in args.connections.split(",")]
     directions = [d for d in ("upload", "download") if d in args.directions.split(",")]
+    # figures[n][direction][path] = list of MB/s; cpu[n][direction][side] = list of CPU ms per MB
     figures: dict[str, dict[str, dict[str, list[float]]]] = {}
+    cpu: dict[str, dict[str, dict[str, list[float]]]] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pam-bench-") as tmp, \
             _stack.Stack(Path(tmp), [_stack.GatewaySpec(GATEWAY)], ssh=False,
                          gateway_uvloop=args.gateway_uvloop) as stack:
-        bulk_port = stack.tcp_ports["bulk"]
+        bulk_port, agent = stack.tcp_ports["bulk"], stack.agents[GATEWAY]
         runtime = stack.runtime(("127.0.0.1",))
         tunnel = _stack.open_tunnel(runtime, "bulk", ConnectOptions())
         try:
             for n in counts:
-                per = figures.setdefault(str(n), {})
                 for index in range(args.runs):
                     for direction in directions:
                         for path, port in (("direct", bulk_port), ("tunnel", tunnel.port)):
+                            before = (_stack.process_cpu_seconds(os.getpid()), agent.cpu_seconds())
                             mbps = transfer(port, bulk_port, direction, args.mib, n)
-                            per.setdefault(direction, {}).setdefault(path, []).append(mbps)
+                            figures.setdefault(str(n), {}).setdefault(direction, {}).setdefault(path, []).append(mbps)
+                            if path == "tunnel":  # CPU per MB: a figure the other processes on the cores cannot blur
+                                megabytes = args.mib * (1 << 20) / 1e6
+                                spent = (_stack.process_cpu_seconds(os.getpid()) - before[0],
+                                         agent.cpu_seconds() - before[1])
+                                sides = cpu.setdefault(str(n), {}).setdefault(direction, {})
+                                for side, seconds in zip(("client", "gateway"), spent):
+                                    sides.setdefault(side, []).append(seconds * 1000 / megabytes)
                 print(f"{n} connection(s) done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
         finally:
             _stack.close_tunnel(runtime, tunnel)
             runtime.shutdown()
-    return report(figures, args, time.monotonic() - started)
+    return report(figures, cpu, args, time.monotonic() - started)
 
 
-def report(figures: dict[str, Any], args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
+def report(figures: dict[str, Any], cpu: dict[str, Any], args: argparse.Namespace,
+           elapsed: float) -> dict[str, Any]:
     result: dict[str, Any] = {
         "meta": {**_stack.machine(), "mib_total": args.mib, "runs": args.runs, "elapsed_s": round(elapsed, 1),
                  "gateway_loop": "uvloop" if args.gateway_uvloop else "asyncio",
                  "unit": "MB/s = 10^6 bytes/s, aggregate over the connections; median of runs",
+                 "cpu": "CPU ms per MB moved through the tunnel, client process and gateway agent process; "
+                        "cpu_bound_mbps = 1000 / the larger: the rate with one core each and nothing else",
                  "note": "client, gateway, target and load generator share the machine's cores"},
         "connections": {}, "targets": {}}
     for n, per in figures.items():
@@ -77,8 +90,10 @@ def report(figures: dict[str, Any], args: argparse.Namespace, elapsed: float) ->
         for direction, paths in per.items():
             tunnel = statistics.median(paths["tunnel"])
             direct = statistics.median(paths["direct"])
+            sides = {side: round(statistics.median(v), 2) for side, v in cpu[n][direction].items()}
             entry[direction] = {"tunnel_mbps": round(tunnel, 2), "direct_mbps": round(direct, 2),
                                 "ratio_tunnel_to_direct": round(tunnel / direct, 4),
+                                "cpu_ms_per_mb": sides, "cpu_bound_mbps": round(1000 / max(sides.values()), 1),
                                 "tunnel_samples": [round(x, 2) for x in paths["tunnel"]],
                                 "direct_samples": [round(x, 2) for x in paths["direct"]]}
         entry["tunnel_mbps_min_direction"] = min(entry[d]["tunnel_mbps"] for d in per)
@@ -94,14 +109,15 @@ def print_report(result: dict[str, Any]) -> None:
     meta = result["meta"]
     print(f"{meta['mib_total']} MiB per transfer (split over the connections), {meta['runs']} runs, "
           f"gateway on {meta['gateway_loop']}, {meta['elapsed_s']:g} s")
-    print("connections  direction   tunnel MB/s   direct MB/s   tunnel/direct")
+    print("connections  direction   tunnel MB/s   direct MB/s   tunnel/direct   CPU ms/MB client  gateway")
     for n, entry in result["connections"].items():
         for direction in ("upload", "download"):
             if direction not in entry:
                 continue
             e = entry[direction]
             print(f"{n:>11}  {direction:<9} {e['tunnel_mbps']:12.1f} {e['direct_mbps']:13.1f} "
-                  f"{e['ratio_tunnel_to_direct']:15.4f}")
+                  f"{e['ratio_tunnel_to_direct']:15.4f} {e['cpu_ms_per_mb']['client']:17.1f} "
+                  f"{e['cpu_ms_per_mb']['gateway']:8.1f}")
     for name, met in result["targets"].items():
         print(f"  {'met ' if met else 'MISS'} {name}")
 
@@ -110,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64, help="MiB per transfer, split over the connections")
     parser.add_argument("--connections", default="1,4", help="comma-separated connection counts (default 1,4)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is reported")
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure; the median is reported (default 5)")
     parser.add_argument("--directions", default="upload,download", help="upload, download or both (default)")
     parser.add_argument("--gateway-uvloop", action="store_true", help="run the gateway agent on uvloop")
     parser.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
