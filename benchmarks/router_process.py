@@ -6,7 +6,7 @@ and answers each `stats` line on stdin with one JSON line:
 `{"stats": {kind: n}, "conversations": {conversation_id: {kind: n}}}`.
 The first stdout line is `{"url": "http://127.0.0.1:PORT"}`. Stdin EOF stops it.
 
-    python benchmarks/router_process.py --config router.toml [--uvloop]
+    python benchmarks/router_process.py --config router.toml
 """
 from __future__ import annotations
 
@@ -40,13 +40,8 @@ async def serve(config_path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--uvloop", action="store_true", help="run on uvloop instead of the standard loop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    if args.uvloop:
-        import uvloop
-
-        uvloop.install()
     asyncio.run(serve(args.config))
 
 
