@@ -43,6 +43,7 @@ TARGET_LEGACY_RATIO = 5.0
 
 
 def options_for(profile: str) -> ConnectOptions:
+    """The client's connect options per profile (legacy: the documented compatibility settings)."""
     if profile == "legacy":
         return ConnectOptions(trickle=True, candidates_in_offer=False, legacy_per_candidate=True,
                               legacy_ws_ready_wait=True, legacy_backend_delay_s=0.3)
@@ -67,6 +68,8 @@ class Series:
 
 
 class ConnectBench:
+    """One client runtime against the stack; measures connects and pings, keeps every sample."""
+
     def __init__(self, stack: _stack.Stack, addresses: tuple[str, ...]) -> None:
         self.stack = stack
         self.addresses = addresses
@@ -117,6 +120,7 @@ class ConnectBench:
                 Sample((ready - start) * 1000, session.conversation_id, phases))
 
     def ping(self, key: str) -> None:
+        """One no-op action through both proxies: the signaling part of the floor."""
         router = self.runtime.router()
         start = time.perf_counter()
         router.action(MAIN, "ping", new_conversation_id(), {}, False)
