@@ -333,22 +333,10 @@ def refresh_resources(runtime: PamRuntime, max_age_s: float = 30.0) -> None:
 
 def open_tunnel(runtime: PamRuntime, resource: str, options: ConnectOptions,
                 timing: ConnectTiming | None = None) -> Tunnel:
-    """`pam tunnel start RESOURCE` as the runtime runs it, with explicit connect options.
-
-    PamRuntime.start_tunnel takes no ConnectOptions (the legacy profile needs them), so this
-    is its three steps: bind the local listener, negotiate, attach.
-    """
+    """`pam tunnel start RESOURCE` as the runtime runs it, with explicit connect options."""
     ref = runtime.resolve(None, resource)
-    tunnel = Tunnel(ref.name, ref.gateway, "127.0.0.1", 0)
-    runtime.loop.run(tunnel.bind(), 10)
-    try:
-        session = runtime.connect(None, ref, protocol.SessionRequest(mode="tunnel"), trickle=options.trickle,
-                                  timing=timing, options=options)
-    except BaseException:
-        runtime.loop.run(tunnel.stop(), 5)
-        raise
-    runtime.loop.run(tunnel.attach(session), 5)
-    return tunnel
+    return runtime.start_tunnel(None, ref, "127.0.0.1", 0, trickle=options.trickle, timing=timing,
+                                options=options)
 
 
 def first_echo(port: int) -> socket.socket:
@@ -363,9 +351,7 @@ def first_echo(port: int) -> socket.socket:
 
 
 def close_tunnel(runtime: PamRuntime, tunnel: Tunnel) -> None:
-    runtime.loop.run(tunnel.stop(), 5)
-    if tunnel.session is not None:
-        tunnel.session.close()
+    runtime.stop_tunnel(tunnel.id)
 
 
 def open_launch(runtime: PamRuntime, resource: str, options: ConnectOptions,

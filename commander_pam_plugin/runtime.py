@@ -112,7 +112,8 @@ class PamRuntime:
                             timing=timing, options=options, on_peer=on_peer)
 
     def start_tunnel(self, hook: Any, ref: ResourceRef, host: str, port: int, *, trickle: bool,
-                     timing: Any = None, on_lost: Callable[[Tunnel], None] | None = None) -> Tunnel:
+                     timing: Any = None, on_lost: Callable[[Tunnel], None] | None = None,
+                     options: ConnectOptions | None = None) -> Tunnel:
         """Bind the local port, negotiate, and serve; returns once the data plane is up."""
         tunnel = Tunnel(ref.name, ref.gateway, host, port, on_lost=on_lost)
         try:
@@ -123,7 +124,7 @@ class PamRuntime:
             timing.checkpoint("local_listener_bound")
         try:
             session = self.connect(hook, ref, protocol.SessionRequest(mode="tunnel"), trickle=trickle,
-                                   timing=timing)
+                                   timing=timing, options=options)
         except BaseException:
             self.loop.run(tunnel.stop(), timeout=5)
             raise
