@@ -15,6 +15,7 @@ import sys
 from typing import TextIO
 
 from .gateway.embedded import EmbeddedGateway
+from .loop import half_close
 
 USER = "local"
 # The embedded parts log like a server would (access lines, SSH and ICE chatter); in a user's
@@ -35,8 +36,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         while data := await reader.read(65536):
             writer.write(data)
             await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
+        half_close(writer)
     except ConnectionError:
         pass
     finally:

@@ -8,19 +8,44 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
 from typing import Any, Callable, Coroutine, TypeVar
 
 T = TypeVar("T")
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed (aiortc runs 30-50% faster on it), else the standard loop."""
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (aiortc moves 30-50% more bytes per CPU second on it), else asyncio's."""
     try:
         import uvloop  # type: ignore[import-not-found]
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def run_main(coro: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run() on the best loop available (what a server's main() should use)."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(coro)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def half_close(writer: asyncio.StreamWriter) -> None:
+    """Send EOF if the transport still can; a peer that already went is not an error here."""
+    try:
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (OSError, RuntimeError):  # uvloop raises RuntimeError on a closing transport
+        pass
 
 
 class BackgroundLoop:
@@ -39,7 +64,7 @@ class BackgroundLoop:
     def _ensure_started(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
-                loop = _new_event_loop()
+                loop = new_event_loop()
                 ready = threading.Event()
 
                 def run() -> None:

@@ -17,6 +17,7 @@ from aiortc import RTCDataChannel
 from aiortc.exceptions import InvalidStateError
 
 from . import protocol
+from .loop import half_close
 from .peer import HIGH_WATER, LOW_WATER, ClientPeer
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,8 @@ class ChannelPump:
             while True:
                 data = await self._inbound.get()
                 if data is None:
-                    if not self._closed.is_set() and self.writer.can_write_eof():
-                        self.writer.write_eof()
+                    if not self._closed.is_set():
+                        half_close(self.writer)
                     return
                 self.writer.write(data)
                 await self.writer.drain()

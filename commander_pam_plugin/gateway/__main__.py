@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from ..loop import run_main
 from .config import ConfigError, load_config
 
 log = logging.getLogger("pam_gateway")
@@ -123,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         stack = await start_stack(config)
         return stack.close
 
-    return asyncio.run(_until_signal(start))
+    return run_main(_until_signal(start))
 
 
 def cmd_router(args: argparse.Namespace) -> int:
@@ -135,7 +136,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         stack = await start_stack(config, with_agent=False)
         return stack.close
 
-    return asyncio.run(_until_signal(start))
+    return run_main(_until_signal(start))
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -158,7 +159,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             await asyncio.gather(task, return_exceptions=True)
         return close
 
-    return asyncio.run(_until_signal(start))
+    return run_main(_until_signal(start))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -62,6 +62,7 @@ class LoopThread:
     """An asyncio loop in a daemon thread; run(coro) from any other thread and get its result."""
 
     def __init__(self, name: str = "pam-gateway") -> None:
+        # The standard loop: DemoSSHServer's PTY pipes lose their connection under uvloop.
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
 

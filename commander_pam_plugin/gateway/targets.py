@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 import asyncssh
 from aiortc import RTCDataChannel
 
+from ..loop import half_close
 from ..protocol import ProtocolError, SessionRequest, control_message, parse_control_message
 from .config import Resource
 from .recording import AsciicastRecorder
@@ -160,8 +161,7 @@ class TcpStream:
                 self._writer.write(item)
                 await self._writer.drain()
             elif item.get("op") == "eof":
-                if self._writer.can_write_eof():
-                    self._writer.write_eof()
+                half_close(self._writer)
                 return
 
     async def _from_target(self) -> None:
