@@ -183,7 +183,7 @@ def test_terminal_mode_needs_an_ssh_resource_and_an_allowed_user(ssh):
                 sdp = await ClientPeer("terminal").offer()
                 status, body = await c.action(gw.gateway_name, new_conversation_id(), "offer",
                                               {"sdp": sdp, "resource": "db", "session": terminal()})
-                assert status == 400 and "terminal mode needs an ssh resource" in body["error"]["message"]
+                assert status == 400 and "pam launch opens ssh resources" in body["error"]["message"]
                 status, body = await c.action(gw.gateway_name, new_conversation_id(), "offer",
                                               {"sdp": sdp, "resource": "alice-only", "session": terminal()})
                 assert status == 403 and "may not use" in body["error"]["message"]

@@ -116,8 +116,7 @@ class GatewayAgent:
         headers = {"Authorization": f"Bearer {self.settings.token}"}
         async with http.ws_connect(f"{self.router_url}/api/v1/gateway/connect", headers=headers,
                                    heartbeat=HEARTBEAT_S, max_msg_size=MAX_WS_MESSAGE_BYTES) as ws:
-            await ws.send_json({"type": "hello", "gateway": self.name, "version": self.version,
-                                "capabilities": self.capabilities})
+            await ws.send_json(self.hello())
             message = await asyncio.wait_for(ws.receive(), WELCOME_TIMEOUT_S)
             if message.type != aiohttp.WSMsgType.TEXT or _message_type(message.data) != "welcome":
                 raise RouterRefused(f"close code {ws.close_code}")
@@ -140,6 +139,15 @@ class GatewayAgent:
             if not self._stopping.is_set():
                 log.warning("gateway %s lost the router link (code %s); reconnecting", self.name, ws.close_code)
             return True
+
+    def hello(self) -> dict[str, Any]:
+        """The link's first frame. It announces each resource's name, kind and allow list (never its
+        host or credentials), so the router can route an offer by resource and list resources
+        without asking us; a legacy-mode gateway announces them too (routers ignore what they do not know)."""
+        resources = [{"name": r.name, "kind": r.kind, "users": None if r.users is None else list(r.users)}
+                     for r in self.settings.resources]
+        return {"type": "hello", "gateway": self.name, "version": self.version,
+                "capabilities": self.capabilities, "resources": resources}
 
     async def _write(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """The only writer on the link, so replies and events keep their order."""
@@ -234,8 +242,9 @@ class GatewayAgent:
         if not resource.allows(user):
             raise ProtocolError(403, f"user {user} may not use resource {resource.name}", "forbidden")
         if offer.session.mode == "terminal" and resource.kind != "ssh":
-            raise ProtocolError(400, f"resource {resource.name} is a {resource.kind} resource; "
-                                     "terminal mode needs an ssh resource")
+            # The client may not know the kind before its offer (it addressed the offer by resource).
+            raise ProtocolError(400, f"{resource.name} is a {resource.kind} resource; pam launch opens ssh "
+                                     f"resources (use: pam tunnel start {resource.name})")
         cid = action.conversation_id
         if cid in self.sessions:
             raise ProtocolError(409, f"conversation {cid} already has an offer", "conflict")

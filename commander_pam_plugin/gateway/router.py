@@ -1,8 +1,11 @@
 """The signaling router: client actions over HTTP, conversation streams and gateway links.
 
 Clients POST actions with a bearer token; the router forwards each to the gateway's
-WebSocket and returns its reply. Every input is validated with protocol.py, every failure is
-a JSON error with one line of reason, and an offline gateway is reported at once, by name.
+WebSocket and returns its reply. An action may name its gateway, or only its resource: the
+router then finds the gateway from the resources each gateway announced in its hello, so a
+fresh client needs no resource listing before its offer. Every input is validated with
+protocol.py, every failure is a JSON error with one line of reason, and an offline gateway is
+reported at once, by name.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ EVENT_TYPES = ("answer", "candidates", "state", "error")
 CLOSE_BAD_CREDENTIALS = 4401
 CLOSE_BAD_HELLO = 4400
 CLOSE_REPLACED = 4409
+MAX_NAMES_IN_ERROR = 50
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
           409: "conflict", 413: "too_large", 429: "rate_limited", 500: "internal", 502: "bad_gateway",
           503: "unavailable", 504: "gateway_timeout"}
@@ -73,6 +77,21 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
+@dataclass(frozen=True)
+class AnnouncedResource:
+    """A resource as its gateway announced it: name, kind and allow list (never host or credentials)."""
+
+    name: str
+    kind: str
+    users: frozenset[str] | None  # None: every user
+
+    def allows(self, user: str) -> bool:
+        return self.users is None or user in self.users
+
+    def public(self, gateway: str) -> dict[str, str]:
+        return {"name": self.name, "kind": self.kind, "gateway": gateway}
+
+
 @dataclass
 class GatewayLink:
     """An online gateway: its WebSocket, what it announced, and actions awaiting replies."""
@@ -81,6 +100,8 @@ class GatewayLink:
     ws: web.WebSocketResponse
     version: str
     capabilities: list[str]
+    # None: the gateway announced no list (older than this field); it is asked on every listing.
+    resources: tuple[AnnouncedResource, ...] | None = None
     pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
 
     def fail_pending(self, message: str) -> None:
@@ -149,6 +170,8 @@ class Router:
         # Valid actions received, per kind and per conversation (benchmarks count icecandidate).
         self.stats: Counter[str] = Counter()
         self.conversation_stats: OrderedDict[str, Counter[str]] = OrderedDict()
+        # HTTP requests per "METHOD /route" (tests check that a cold client lists no resources).
+        self.requests: Counter[str] = Counter()
         self.url: str | None = None
         self._known_gateways = {g.name: g for g in settings.gateways}
         self._buckets: dict[str, TokenBucket] = {}
@@ -165,6 +188,7 @@ class Router:
             web.get("/api/v1/resources", self._resources),
             web.get("/api/v1/gateways/{gateway}", self._gateway_status),
             web.post("/api/v1/gateways/{gateway}/actions", self._action),
+            web.post("/api/v1/resources/{resource}/actions", self._resource_action),
             web.get("/api/v1/conversations/{conversation_id}/stream", self._stream),
             web.get("/api/v1/gateway/connect", self._gateway_connect),
         ])
@@ -208,6 +232,9 @@ class Router:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
         """ProtocolError -> its status; aiohttp's HTML errors -> JSON; anything else -> JSON 500."""
+        route = request.match_info.route.resource
+        if route is not None:  # matched routes only: their number bounds the counter
+            self.requests[f"{request.method} {route.canonical}"] += 1
         try:
             return await handler(request)
         except ProtocolError as exc:
@@ -307,13 +334,16 @@ class Router:
                                   "capabilities": link.capabilities})
 
     async def _resources(self, request: web.Request) -> web.Response:
+        """From the gateways' announcements; a gateway that announced none is asked (older ones)."""
         user = self._user(request)
-        self._rate_limit(user)  # a `resources` action to every gateway at once: it counts
+        self._rate_limit(user)  # it may ask every gateway at once: it counts like an action
         links = list(self.gateways.values())
+        resources = [r.public(link.name) for link in links if link.resources is not None
+                     for r in link.resources if r.allows(user)]
+        silent = [link for link in links if link.resources is None]
         replies = await asyncio.gather(*(self.call(link, user, Action("", "resources", {}, False))
-                                         for link in links), return_exceptions=True)
-        resources = []
-        for link, reply in zip(links, replies):
+                                         for link in silent), return_exceptions=True)
+        for link, reply in zip(silent, replies):
             if isinstance(reply, BaseException):
                 log.warning("router: gateway %s did not list resources (%s)", link.name, _one_line(reply))
                 continue
@@ -326,13 +356,49 @@ class Router:
     async def _action(self, request: web.Request) -> web.Response:
         user = self._user(request)
         name = self._known(request.match_info["gateway"])
+        action = await self._read_action(request, user)
+        return await self._forward(self._online(name), user, action)
+
+    async def _resource_action(self, request: web.Request) -> web.Response:
+        """An action addressed by resource: sent to the one online gateway that announced it for this user."""
+        user = self._user(request)
+        resource = request.match_info["resource"]
+        try:
+            check_name(resource, "resource")
+        except ProtocolError:
+            raise HttpError(404, "unknown resource") from None
+        action = await self._read_action(request, user)
+        if action.kind == "offer" and action.data.get("resource") != resource:
+            raise HttpError(400, f"the offer names resource {action.data.get('resource')} "
+                                 f"but was sent to resource {resource}")
+        return await self._forward(self._serving(resource, user), user, action)
+
+    async def _read_action(self, request: web.Request, user: str) -> Action:
+        """The rate limit, then the body, validated and counted."""
         self._rate_limit(user)
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             raise HttpError(413, f"body is {request.content_length} bytes; the limit is {MAX_BODY_BYTES}")
         action = validate_action(parse_json_body(await request.read()))
         self._count(action)
-        link = self._online(name)
-        conversation, created = (self._bind(action.conversation_id, user, name)
+        return action
+
+    def _serving(self, resource: str, user: str) -> GatewayLink:
+        """The one online gateway that announced `resource` for `user`. A user outside its allow
+        list gets the same 404 as for a name nobody serves: it never learns the resource exists."""
+        announcing = [link for link in self.gateways.values() if link.resources is not None]
+        serving = [link for link in announcing
+                   if any(r.name == resource and r.allows(user) for r in link.resources or ())]
+        if len(serving) == 1:
+            return serving[0]
+        if serving:
+            raise HttpError(409, f"resource {resource} is served by several gateways: "
+                                 f"{_names(link.name for link in serving)}; resolve it to one")
+        usable = {r.name for link in announcing for r in link.resources or () if r.allows(user)}
+        raise HttpError(404, f"unknown resource {resource}; resources you may use: {_names(usable)}")
+
+    async def _forward(self, link: GatewayLink, user: str, action: Action) -> web.Response:
+        """Send a validated action to `link`, binding its conversation; the reply names the gateway."""
+        conversation, created = (self._bind(action.conversation_id, user, link.name)
                                  if action.kind in ("offer", "icecandidate", "close") else (None, False))
         try:
             data = await self.call(link, user, action)
@@ -343,8 +409,8 @@ class Router:
         finally:
             if action.kind == "close":  # the client is done with it, whatever the gateway said
                 self._drop(action.conversation_id)
-        # The gateway's version and capabilities ride on every reply, so a client never pays
-        # a separate round trip to learn them before its first offer.
+        # The gateway's name, version and capabilities ride on every reply, so a client never
+        # pays a separate round trip to learn them (nor, addressing by resource, the gateway).
         return web.json_response({"ok": True, "data": data, "gateway": {
             "name": link.name, "version": link.version, "capabilities": link.capabilities}})
 
@@ -449,7 +515,8 @@ class Router:
         except (asyncio.TimeoutError, ProtocolError):
             hello = None
         if not isinstance(hello, dict) or hello.get("type") != "hello" or not isinstance(hello.get("version"), str) \
-                or not isinstance(hello.get("capabilities", []), list):
+                or not isinstance(hello.get("capabilities", []), list) \
+                or not isinstance(hello.get("resources"), (list, type(None))):
             await ws.close(code=CLOSE_BAD_HELLO, message=b"expected a hello message")
             return None
         if hello.get("gateway") != name:
@@ -457,15 +524,17 @@ class Router:
             await ws.close(code=CLOSE_BAD_CREDENTIALS, message=b"gateway name does not match its token")
             return None
         capabilities = [c for c in hello.get("capabilities", []) if isinstance(c, str) and len(c) <= 32][:16]
-        link = GatewayLink(name, ws, hello["version"][:32], capabilities)
+        resources = _announced(name, hello.get("resources"))
+        link = GatewayLink(name, ws, hello["version"][:32], capabilities, resources)
         old = self.gateways.get(name)
         self.gateways[name] = link
         if old is not None:
             old.fail_pending(f"gateway {name} reconnected")
             await old.ws.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection")
         await ws.send_json({"type": "welcome"})
-        log.info("router: gateway %s online (version %s, capabilities %s)", name, link.version,
-                 ",".join(capabilities) or "none")
+        log.info("router: gateway %s online (version %s, capabilities %s, %s)", name, link.version,
+                 ",".join(capabilities) or "none",
+                 "resources asked per listing" if resources is None else f"{len(resources)} resources announced")
         return link
 
     def _on_gateway_frame(self, link: GatewayLink, text: str) -> None:
@@ -498,6 +567,33 @@ class Router:
         conversation.deliver(event)
         if event["type"] == "state" and event.get("state") in ("closed", "failed"):
             self._drop(conversation.id)
+
+
+def _announced(gateway: str, items: list[Any] | None) -> tuple[AnnouncedResource, ...] | None:
+    """The hello's resource list (None: not announced); a malformed entry is skipped and logged."""
+    if items is None:
+        return None
+    announced = []
+    for item in items:
+        try:
+            if not isinstance(item, dict):
+                raise ProtocolError(400, "an entry must be an object")
+            name, kind = check_name(item.get("name"), "resource"), check_name(item.get("kind"), "kind")
+            users = item.get("users")
+            if users is not None and not (isinstance(users, list) and all(isinstance(u, str) for u in users)):
+                raise ProtocolError(400, "users must be a list of names or null")
+        except ProtocolError as exc:
+            log.warning("router: gateway %s announced a malformed resource (%s)", gateway, exc.message)
+            continue
+        announced.append(AnnouncedResource(name, kind, None if users is None else frozenset(users)))
+    return tuple(announced)
+
+
+def _names(names: Any) -> str:
+    """Sorted names for a one-line message ('none' if empty; a long list is cut short)."""
+    ordered = sorted(names)
+    shown = ", ".join(ordered[:MAX_NAMES_IN_ERROR]) or "none"
+    return shown if len(ordered) <= MAX_NAMES_IN_ERROR else f"{shown} and {len(ordered) - MAX_NAMES_IN_ERROR} more"
 
 
 def _bearer(request: web.Request) -> bytes:
