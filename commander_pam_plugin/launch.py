@@ -104,7 +104,7 @@ def run_launch(ctx: Any, args: argparse.Namespace) -> int:
     cols, rows = terminal_size(sys.stdout.fileno() if os.isatty(sys.stdout.fileno()) else sys.stdin.fileno())
     try:
         ref = runtime.resolve(ctx.hook, args.resource)
-        if ref.kind != "ssh":
+        if ref.kind is not None and ref.kind != "ssh":  # unknown: the gateway refuses it in the same words
             raise PamError(f"{ref.name} is a {ref.kind} resource; pam launch opens ssh resources "
                            f"(use: pam tunnel start {ref.name})")
         timing.checkpoint("resource_resolved")

@@ -6,6 +6,8 @@ Self-contained (no shell imports). Rules it keeps, each one a defect of the syst
   by events, never by a fixed delay; the router keeps early events, so the offer never waits;
 - candidates known before the offer is acknowledged go out in ONE action; a candidate that
   arrives while that action is in flight lands in a fresh buffer and is sent next, never lost;
+- a resource whose gateway is not known yet is not looked up first: the offer is addressed to
+  the resource and its reply names the gateway (a list is fetched only if that route answers 404);
 - gateways older than 1.7.0 get one action per candidate and no trickle, said once at DEBUG.
 """
 from __future__ import annotations
@@ -53,6 +55,32 @@ class RouterTimeout(PamError):
     """The router did not answer within the time allowed (the caller may name what it waited for)."""
 
 
+class RouterRefusal(PamError):
+    """The router (or the gateway behind it) answered with an error status."""
+
+    def __init__(self, message: str, http_status: int) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+def valid_name(value: Any) -> bool:
+    """A well-formed resource or gateway name (protocol.check_name) or not."""
+    try:
+        protocol.check_name(value, "name")
+    except protocol.ProtocolError:
+        return False
+    return True
+
+
+def lookup_resource(items: Sequence[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The list entry for `name`, or None; refused, as the router refuses it, if several gateways serve it."""
+    found = [item for item in items if item.get("name") == name]
+    if len(found) > 1:
+        gateways = ", ".join(sorted(str(item.get("gateway")) for item in found))
+        raise PamError(f"resource {name} is served by several gateways: {gateways}; resolve it to one")
+    return found[0] if found else None
+
+
 class RouterClient:
     """A keep-alive HTTP session to one router for one user token."""
 
@@ -90,7 +118,7 @@ class RouterClient:
             message = ""
             if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
                 message = str(payload["error"].get("message", ""))
-            raise PamError(f"router: {message or f'HTTP {response.status_code}'}")
+            raise RouterRefusal(f"router: {message or f'HTTP {response.status_code}'}", response.status_code)
         return payload
 
     def known_gateway(self, gateway: str) -> GatewayInfo | None:
@@ -123,24 +151,56 @@ class RouterClient:
 
     def action(self, gateway: str, kind: str, conversation_id: str, data: dict[str, Any],
                trickle: bool, timeout: float = READ_TIMEOUT_S) -> dict[str, Any]:
-        body = {"conversation_id": conversation_id, "kind": kind, "data": data, "trickle_ice": trickle}
-        payload = self._request("POST", f"/api/v1/gateways/{quote(gateway, safe='')}/actions", body, timeout)
-        if isinstance(payload.get("gateway"), dict):
-            self._learn(gateway, payload["gateway"])
-        result = payload.get("data", {})
-        return result if isinstance(result, dict) else {}
+        path = f"/api/v1/gateways/{quote(gateway, safe='')}/actions"
+        return self._post_action(path, gateway, kind, conversation_id, data, trickle, timeout)[1]
 
-    def resources(self, max_age_s: float = 0.0) -> list[dict[str, Any]]:
-        """The resources this user may use; a list fetched less than max_age_s ago is reused."""
+    def resource_action(self, resource: str, kind: str, conversation_id: str, data: dict[str, Any],
+                        trickle: bool, timeout: float = READ_TIMEOUT_S) -> tuple[str, dict[str, Any]]:
+        """An action addressed by resource, so no list is fetched first: (the gateway the router
+        chose, its reply data). A router or gateway that cannot route it answers 404."""
+        path = f"/api/v1/resources/{quote(resource, safe='')}/actions"
+        return self._post_action(path, None, kind, conversation_id, data, trickle, timeout)
+
+    def _post_action(self, path: str, gateway: str | None, kind: str, conversation_id: str, data: dict[str, Any],
+                     trickle: bool, timeout: float) -> tuple[str, dict[str, Any]]:
+        body = {"conversation_id": conversation_id, "kind": kind, "data": data, "trickle_ice": trickle}
+        payload = self._request("POST", path, body, timeout)
+        described = payload.get("gateway") if isinstance(payload.get("gateway"), dict) else {}
+        name = gateway if gateway is not None else described.get("name")
+        if not valid_name(name):
+            raise PamError("router: the reply does not name the gateway that took the action")
+        if described:
+            self._learn(name, described)
+        result = payload.get("data", {})
+        return name, result if isinstance(result, dict) else {}
+
+    def cached_resources(self, max_age_s: float) -> list[dict[str, Any]] | None:
+        """The list fetched less than max_age_s ago, or None (never fetches)."""
         with self._lock:
             cached = self._resources
         if cached is not None and time.monotonic() - cached[0] < max_age_s:
             return cached[1]
+        return None
+
+    def resources(self, max_age_s: float = 0.0) -> list[dict[str, Any]]:
+        """The resources this user may use; a list fetched less than max_age_s ago is reused."""
+        cached = self.cached_resources(max_age_s)
+        if cached is not None:
+            return cached
         items = self._request("GET", "/api/v1/resources").get("resources", [])
         fresh = [r for r in items if isinstance(r, dict)]
         with self._lock:
             self._resources = (time.monotonic(), fresh)
         return fresh
+
+    def gateway_of(self, resource: str) -> str:
+        """The gateway serving `resource`, from a fresh list; else one line naming what this user may use."""
+        items = self.resources()
+        entry = lookup_resource(items, resource)
+        if entry is None:
+            known = ", ".join(sorted({str(r.get("name")) for r in items})) or "none"
+            raise PamError(f"unknown resource {resource!r}; resources you may use: {known}")
+        return str(entry.get("gateway"))
 
     def stream_url(self, conversation_id: str) -> str:
         parts = urlsplit(self.base_url)
@@ -298,7 +358,7 @@ class Session:
 
     loop: BackgroundLoop
     router: RouterClient
-    gateway: str
+    gateway: str | None  # None until the offer's reply names it (an offer addressed by resource)
     resource: str
     conversation_id: str
     peer: ClientPeer
@@ -314,7 +374,10 @@ class Session:
         self._closed = True
         if notify and not self.peer.lost.is_set():
             try:
-                self.router.action(self.gateway, "close", self.conversation_id, {}, self.trickle)
+                if self.gateway is None:  # an offer by resource was refused before its reply named one
+                    self.router.resource_action(self.resource, "close", self.conversation_id, {}, self.trickle)
+                else:
+                    self.router.action(self.gateway, "close", self.conversation_id, {}, self.trickle)
             except PamError as exc:
                 log.debug("close action failed: %s", exc.message)
         self.listener.close()
@@ -345,13 +408,16 @@ def new_conversation_id() -> str:
     return secrets.token_urlsafe(18)
 
 
-def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str, resource: str,
+def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str | None, resource: str,
                  session: protocol.SessionRequest, *, ice_servers: Sequence[Any],
                  host_addresses: Sequence[str], timing: Any = None,
                  options: ConnectOptions | None = None,
                  on_peer: Callable[[ClientPeer], None] | None = None,
                  on_candidate_action: Callable[[dict[str, Any], CandidateSender], None] | None = None) -> Session:
     """Negotiate a peer with `gateway` for `resource`; returns once the control channel is open.
+
+    gateway None: the offer is addressed to the resource and the returned Session's gateway is
+    the one that answered.
 
     on_peer, if given, is called with the new peer before any remote byte can arrive (to attach
     channel listeners). on_candidate_action, if given, is called with each icecandidate payload just before it is
@@ -363,7 +429,7 @@ def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str, resou
     # No capability round trip: use what this session already knows of the gateway, else
     # assume a current one; the offer's reply tells the truth (a pre-1.7.0 gateway answers
     # in that reply whatever we asked) before any candidate action is sent.
-    info = router.known_gateway(gateway)
+    info = router.known_gateway(gateway) if gateway is not None else None
     trickle = options.trickle and (info is None or info.trickle)
 
     conversation_id = new_conversation_id()
@@ -395,7 +461,7 @@ def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str, resou
 def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase, deadline: float, options: ConnectOptions,
                on_candidate_action: Callable[[dict[str, Any], CandidateSender], None] | None) -> None:
     loop, router, peer, trickle = result.loop, result.router, result.peer, result.trickle
-    gateway, conversation_id, resource = result.gateway, result.conversation_id, result.resource
+    conversation_id, resource = result.conversation_id, result.resource
     in_offer = True if not trickle else options.candidates_in_offer
     if in_offer is None:
         in_offer = not peer.ice_servers  # host-only gathering takes ~1 ms and cannot stall
@@ -407,7 +473,8 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
     def send_candidates(data: dict[str, Any]) -> None:
         if on_candidate_action is not None:
             on_candidate_action(data, sender)
-        router.action(gateway, "icecandidate", conversation_id, data, trickle)
+        assert result.gateway is not None  # candidates go out only after the offer's reply
+        router.action(result.gateway, "icecandidate", conversation_id, data, trickle)
 
     sender = CandidateSender(send_candidates, batch=not options.legacy_per_candidate)
     if not in_offer:
@@ -426,10 +493,11 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
 
     offer = {"type": "offer", "sdp": sdp, "resource": resource, "session": session.to_json()}
     try:  # the reply may be held up at the gateway; the connect deadline bounds the wait
-        reply = router.action(gateway, "offer", conversation_id, offer, trickle,
-                              timeout=_remaining(deadline, phase, resource, options))
+        reply = _send_offer(result, offer, lambda: _remaining(deadline, phase, resource, options))
     except RouterTimeout:
         raise _timeout(phase, resource, options) from None
+    gateway = result.gateway
+    assert gateway is not None
     learnt = router.known_gateway(gateway)
     if learnt is not None and not learnt.batch:
         sender.batch = False  # before go_live: nothing has been sent yet
@@ -454,6 +522,24 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
         raise PamError(f"could not connect to {resource}: {exc or 'the gateway closed the session'}") from None
     result.candidate_actions = sender.actions
     phase.done("data_channel_open", "nothing")
+
+
+def _send_offer(result: Session, offer: dict[str, Any], timeout: Callable[[], float]) -> dict[str, Any]:
+    """The offer to its gateway; with none known yet, addressed to the resource (one round trip, and
+    result.gateway is learnt from the reply). Routers older than that route, and gateways that do
+    not announce their resources, answer 404: then the full list names the gateway."""
+    router, conversation_id = result.router, result.conversation_id
+    if result.gateway is None:
+        try:
+            result.gateway, reply = router.resource_action(result.resource, "offer", conversation_id, offer,
+                                                           result.trickle, timeout())
+            return reply
+        except RouterRefusal as exc:
+            if exc.http_status != 404:
+                raise
+            log.debug("offer by resource: %s; looking %s up in the resource list", exc.message, result.resource)
+        result.gateway = router.gateway_of(result.resource)
+    return router.action(result.gateway, "offer", conversation_id, offer, result.trickle, timeout())
 
 
 def _run(loop: BackgroundLoop, coro: Any, deadline: float, phase: _Phase, resource: str,

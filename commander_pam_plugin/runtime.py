@@ -14,20 +14,23 @@ from . import protocol
 from .config import PamConfig, load_config
 from .errors import PamError
 from .loop import BackgroundLoop
-from .negotiation import ConnectOptions, RouterClient, Session, open_session
+from .negotiation import ConnectOptions, RouterClient, Session, lookup_resource, open_session, valid_name
 from .tunnel import Tunnel
 
 log = logging.getLogger(__name__)
 
-# A shell that resolved a resource a moment ago need not ask the router again (one round trip).
+# A list fetched this long ago still names a resource's gateway and kind.
 RESOURCE_CACHE_S = 60.0
 
 
 @dataclass
 class ResourceRef:
+    """A resource and, when already known, its gateway and kind. Gateway None: the offer is
+    addressed to the resource and the router picks the gateway (its reply names it)."""
+
     name: str
-    gateway: str
-    kind: str
+    gateway: str | None = None
+    kind: str | None = None
 
 
 class PamRuntime:
@@ -62,23 +65,18 @@ class PamRuntime:
         return self._embedded.router_url, self._embedded.token
 
     def resolve(self, hook: Any, name: str) -> ResourceRef:
-        """A host's vault (pam_resolve_resource) first, else the router's list for this user."""
-        if not _valid_name(name):
+        """A host's vault (pam_resolve_resource) first, else a recent list; never a fetch just to
+        connect (an unknown resource is reported by the connect, with the names this user may use)."""
+        if not valid_name(name):
             raise PamError(f"{name!r} is not a resource name (letters, digits, '.', '_' or '-', at most 64)",
                            status=2)
         record = hook.pam_resolve_resource(name=name) if hook is not None else None
         if isinstance(record, dict) and record.get("gateway"):
             return ResourceRef(str(record.get("name") or name), str(record["gateway"]), str(record.get("kind", "tcp")))
-        router = self.router()
-        resources = router.resources(max_age_s=RESOURCE_CACHE_S)
-        for attempt in range(2):
-            for item in resources:
-                if item.get("name") == name:
-                    return ResourceRef(name, str(item.get("gateway")), str(item.get("kind")))
-            if attempt == 0:
-                resources = router.resources()  # the cached list may predate the resource
-        known = ", ".join(sorted(str(r.get("name")) for r in resources)) or "none"
-        raise PamError(f"unknown resource {name!r}; resources you may use: {known}")
+        entry = lookup_resource(self.router().cached_resources(RESOURCE_CACHE_S) or [], name)
+        if entry is not None:
+            return ResourceRef(name, str(entry.get("gateway")), str(entry.get("kind")))
+        return ResourceRef(name)
 
     def host_addresses(self, hook: Any) -> tuple[str, ...]:
         from .rtc import check_host_addresses
@@ -115,7 +113,7 @@ class PamRuntime:
                      timing: Any = None, on_lost: Callable[[Tunnel], None] | None = None,
                      options: ConnectOptions | None = None) -> Tunnel:
         """Bind the local port, negotiate, and serve; returns once the data plane is up."""
-        tunnel = Tunnel(ref.name, ref.gateway, host, port, on_lost=on_lost)
+        tunnel = Tunnel(ref.name, ref.gateway or "", host, port, on_lost=on_lost)
         try:
             self.loop.run(tunnel.bind(), timeout=10)
         except OSError as exc:
@@ -128,6 +126,7 @@ class PamRuntime:
         except BaseException:
             self.loop.run(tunnel.stop(), timeout=5)
             raise
+        tunnel.gateway = session.gateway or ""  # learnt from the offer's reply if it was not known
         self.loop.run(tunnel.attach(session), timeout=5)
         with self._lock:
             self.tunnels[tunnel.id] = tunnel
@@ -169,14 +168,6 @@ class PamRuntime:
         self.loop.stop()
         if embedded is not None:
             embedded.stop()
-
-
-def _valid_name(name: str) -> bool:
-    try:
-        protocol.check_name(name, "resource")
-        return True
-    except protocol.ProtocolError:
-        return False
 
 
 _runtime: PamRuntime | None = None
