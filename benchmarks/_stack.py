@@ -162,13 +162,10 @@ class JsonChild:
 class AgentProcess:
     """`pam-gateway agent` in its own process; started once the router welcomed it (its log says so)."""
 
-    def __init__(self, config: Path, name: str, router_url: str, use_uvloop: bool = False) -> None:
+    def __init__(self, config: Path, name: str, router_url: str) -> None:
         self.name = name
-        gateway = ["-m", "commander_pam_plugin.gateway"]
-        if use_uvloop:  # the same CLI, with uvloop as the asyncio policy (what the client uses)
-            gateway = ["-c", "import sys, uvloop; uvloop.install(); "
-                             "from commander_pam_plugin.gateway.__main__ import main; sys.exit(main())"]
-        self.process = subprocess.Popen([sys.executable, *gateway, "agent", "--config", str(config),
+        self.process = subprocess.Popen([sys.executable, "-m", "commander_pam_plugin.gateway", "agent",
+                                         "--config", str(config),
                                          "--router", router_url],
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True)
@@ -220,12 +217,11 @@ class Stack:
     """Targets, router, latency proxies and gateway agents; a client runtime on demand. Context manager."""
 
     def __init__(self, workdir: Path, gateways: Sequence[GatewaySpec], *, ssh: bool = True,
-                 gateway_addresses: Sequence[str] = ("127.0.0.1",), gateway_uvloop: bool = False) -> None:
+                 gateway_addresses: Sequence[str] = ("127.0.0.1",)) -> None:
         self.workdir = workdir
         self.specs = list(gateways)
         self.ssh = ssh
         self.gateway_addresses = tuple(gateway_addresses)
-        self.gateway_uvloop = gateway_uvloop
         self.token = secrets.token_urlsafe(24)
         self.children: list[JsonChild] = []
         self.agents: dict[str, AgentProcess] = {}
@@ -278,8 +274,7 @@ class Stack:
                                "host_addresses": list(self.gateway_addresses), "capabilities": spec.capabilities,
                                "recordings_dir": str(self.workdir / "recordings")}),
                 *resources])
-            self.agents[spec.name] = AgentProcess(config, spec.name, f"http://127.0.0.1:{gateway_proxy.port}",
-                                                  self.gateway_uvloop)
+            self.agents[spec.name] = AgentProcess(config, spec.name, f"http://127.0.0.1:{gateway_proxy.port}")
 
     def _child(self, argv: list[str], name: str) -> JsonChild:
         child = JsonChild([sys.executable, *argv], name, self.workdir / f"{name.replace(' ', '-')}.log")

@@ -48,8 +48,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpu: dict[str, dict[str, dict[str, list[float]]]] = {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pam-bench-") as tmp, \
-            _stack.Stack(Path(tmp), [_stack.GatewaySpec(GATEWAY)], ssh=False,
-                         gateway_uvloop=args.gateway_uvloop) as stack:
+            _stack.Stack(Path(tmp), [_stack.GatewaySpec(GATEWAY)], ssh=False) as stack:
         bulk_port, agent = stack.tcp_ports["bulk"], stack.agents[GATEWAY]
         runtime = stack.runtime(("127.0.0.1",))
         tunnel = _stack.open_tunnel(runtime, "bulk", ConnectOptions())
@@ -75,11 +74,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report(figures, cpu, args, time.monotonic() - started)
 
 
+def _gateway_loop() -> str:
+    """What `pam-gateway` runs on here (commander_pam_plugin.loop.run_main picks uvloop when installed)."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def report(figures: dict[str, Any], cpu: dict[str, Any], args: argparse.Namespace,
            elapsed: float) -> dict[str, Any]:
     result: dict[str, Any] = {
         "meta": {**_stack.machine(), "mib_total": args.mib, "runs": args.runs, "elapsed_s": round(elapsed, 1),
-                 "gateway_loop": "uvloop" if args.gateway_uvloop else "asyncio",
+                 "gateway_loop": _gateway_loop(),
                  "unit": "MB/s = 10^6 bytes/s, aggregate over the connections; median of runs",
                  "cpu": "CPU ms per MB moved through the tunnel, client process and gateway agent process; "
                         "cpu_bound_mbps = 1000 / the larger: the rate with one core each and nothing else",
@@ -128,7 +136,6 @@ def main() -> None:
     parser.add_argument("--connections", default="1,4", help="comma-separated connection counts (default 1,4)")
     parser.add_argument("--runs", type=int, default=5, help="runs per figure; the median is reported (default 5)")
     parser.add_argument("--directions", default="upload,download", help="upload, download or both (default)")
-    parser.add_argument("--gateway-uvloop", action="store_true", help="run the gateway agent on uvloop")
     parser.add_argument("--json", metavar="FILE", help="write every figure to this JSON file")
     args = parser.parse_args()
     if args.mib < 1 or args.runs < 1:
