@@ -12,7 +12,7 @@ on loopback. Profiles run interleaved (A B C A B C ...):
 Ready is the first byte echoed through the tunnel (tunnel) or the first remote byte on the
 terminal channel, `ready_for_prompt` (launch), timed from before the resource is resolved.
 "Warm" (the headline) is a shell that resolved resources a moment ago; "cold" is a fresh
-runtime, which pays the resource list first. The floor is measured in the same run: one no-op
+runtime, which knows no resource yet and addresses its offer to the resource name. The floor is measured in the same run: one no-op
 `ping` action through the proxies plus the same command and profile at D = 0.
 
     python benchmarks/connect.py [--one-way-ms 125] [--runs 10] [--host-addresses 8] [--json FILE]
@@ -188,8 +188,8 @@ def report(bench: ConnectBench, stats: dict[str, dict[str, int]], args: argparse
                  "latency": "one-way D on client<->router and gateway<->router (action round trip = 4 D); "
                             "ICE/DTLS/SCTP and targets on loopback, no added delay",
                  "warm": "shell resolved resources a moment ago (headline)",
-                 "cold": "fresh runtime: resource list fetched first (GET /resources = client<->router and "
-                         "router<->gateway round trips)",
+                 "cold": "fresh runtime: no resource known; the offer goes to POST /api/v1/resources/NAME/actions "
+                         "and its reply names the gateway",
                  "floor": "median ping action at D + median of the same command and profile at D = 0"},
         "ping_ms": ping, "ping_ms_d0": ping0, "ratios": {}, "targets": {}}
     for command in COMMANDS:
