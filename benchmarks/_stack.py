@@ -376,6 +376,15 @@ def open_launch(runtime: PamRuntime, resource: str, options: ConnectOptions,
     return session, max(stamp[0], connected)
 
 
+def emit(result: dict[str, Any], print_report: Callable[[dict[str, Any]], None], json_path: str | None) -> None:
+    """Every benchmark's ending: its report, one line per target (met or MISS), the JSON file."""
+    print_report(result)
+    for name, met in result["targets"].items():
+        print(f"  {'met ' if met else 'MISS'} {name}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -12,7 +12,6 @@ memory is the agent process's VmRSS with every session up, minus before, per ses
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -136,8 +135,6 @@ def print_report(result: dict[str, Any]) -> None:
           f"({result['gateway_rss_kib_per_session']} KiB per session), {rss['after_transfers']} KiB after transfers")
     for error in result["open_errors"]:
         print(f"  open error: {error}")
-    for name, met in result["targets"].items():
-        print(f"  {'met ' if met else 'MISS'} {name}")
 
 
 def main() -> None:
@@ -151,10 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.tunnels < 1 or args.single_runs < 1 or args.kib < 1:
         parser.error("--tunnels, --single-runs and --kib must be >= 1")
-    result = run(args)
-    print_report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    _stack.emit(run(args), print_report, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ runtime, which knows no resource yet and addresses its offer to the resource nam
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -241,8 +240,6 @@ def print_report(result: dict[str, Any]) -> None:
             print(f"  {profile:<30} {r['median']:8.1f} {r['min']:8.1f} {r['max']:8.1f} "
                   f"{e['actions']['median']:8}{extra}")
     print("\ntargets:")
-    for name, met in result["targets"].items():
-        print(f"  {'met ' if met else 'MISS'} {name}")
 
 
 def main() -> None:
@@ -255,10 +252,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.runs < 1 or args.one_way_ms < 0:
         parser.error("--runs must be >= 1 and --one-way-ms >= 0")
-    result = run(args)
-    print_report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    _stack.emit(run(args), print_report, args.json)
 
 
 if __name__ == "__main__":

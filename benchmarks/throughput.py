@@ -13,6 +13,7 @@ Everything shares this machine's cores: client, gateway, target and load generat
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -76,11 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _gateway_loop() -> str:
     """What `pam-gateway` runs on here (commander_pam_plugin.loop.run_main picks uvloop when installed)."""
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
+    return "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 
 
 def report(figures: dict[str, Any], cpu: dict[str, Any], args: argparse.Namespace,
@@ -126,8 +123,6 @@ def print_report(result: dict[str, Any]) -> None:
             print(f"{n:>11}  {direction:<9} {e['tunnel_mbps']:12.1f} {e['direct_mbps']:13.1f} "
                   f"{e['ratio_tunnel_to_direct']:15.4f} {e['cpu_ms_per_mb']['client']:17.1f} "
                   f"{e['cpu_ms_per_mb']['gateway']:8.1f}")
-    for name, met in result["targets"].items():
-        print(f"  {'met ' if met else 'MISS'} {name}")
 
 
 def main() -> None:
@@ -140,10 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.mib < 1 or args.runs < 1:
         parser.error("--mib and --runs must be >= 1")
-    result = run(args)
-    print_report(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    _stack.emit(run(args), print_report, args.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from .errors import PamError
 from .runtime import get_runtime, shutdown_runtime
@@ -120,21 +120,26 @@ def _close(ctx: Any, runtime: Any, tunnel: Tunnel) -> None:
 
 
 def tunnel_list(ctx: Any, args: argparse.Namespace) -> int:
-    runtime = get_runtime()
-    rows = [t.describe() for t in runtime.tunnels.values()]
-    out = _out(ctx)
-    if args.json:
-        print(json.dumps(rows), file=out)
-        return 0
-    if not rows:
-        print("no tunnels", file=out)
-        return 0
-    _print_table(out, ("ID", "RESOURCE", "LOCAL", "STATE", "CONNS", "BYTES OUT", "BYTES IN", "AGE"),
-                 [(r["id"], r["resource"], r["local_address"],
-                   r["state"] + (f" ({r['reason']})" if r["reason"] else ""),
-                   str(r["connections"]), str(r["bytes_out"]), str(r["bytes_in"]), f"{r['age_s']:.0f}s")
-                  for r in rows])
+    records = [t.describe() for t in get_runtime().tunnels.values()]
+    _print_listing(ctx, args.json, records, "no tunnels",
+                   ("ID", "RESOURCE", "LOCAL", "STATE", "CONNS", "BYTES OUT", "BYTES IN", "AGE"),
+                   lambda r: (r["id"], r["resource"], r["local_address"],
+                              r["state"] + (f" ({r['reason']})" if r["reason"] else ""),
+                              str(r["connections"]), str(r["bytes_out"]), str(r["bytes_in"]),
+                              f"{r['age_s']:.0f}s"))
     return 0
+
+
+def _print_listing(ctx: Any, as_json: bool, records: list[dict[str, Any]], empty: str,
+                   header: tuple[str, ...], row: Callable[[dict[str, Any]], tuple[str, ...]]) -> None:
+    """A list command's output: the records as JSON, a line saying there are none, or a table."""
+    out = _out(ctx)
+    if as_json:
+        print(json.dumps(records), file=out)
+    elif not records:
+        print(empty, file=out)
+    else:
+        _print_table(out, header, [row(record) for record in records])
 
 
 def _print_table(out: Any, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -160,16 +165,9 @@ def tunnel_stop(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def resources(ctx: Any, args: argparse.Namespace) -> int:
-    items = get_runtime().router().resources()
-    out = _out(ctx)
-    if args.json:
-        print(json.dumps(items), file=out)
-        return 0
-    if not items:
-        print("no resources available to you", file=out)
-        return 0
-    _print_table(out, ("NAME", "KIND", "GATEWAY"),
-                 [(str(r.get("name")), str(r.get("kind")), str(r.get("gateway"))) for r in items])
+    _print_listing(ctx, args.json, get_runtime().router().resources(), "no resources available to you",
+                   ("NAME", "KIND", "GATEWAY"),
+                   lambda r: (str(r.get("name")), str(r.get("kind")), str(r.get("gateway"))))
     return 0
 
 

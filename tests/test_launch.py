@@ -3,7 +3,6 @@ asyncssh server whose password only the gateway holds (127.0.0.1 only)."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path

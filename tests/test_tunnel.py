@@ -130,7 +130,6 @@ def test_pre_1_7_gateway_still_opens_a_tunnel(echo: EchoServer, tmp_path: Path,
 def test_gateway_without_batch_gets_one_action_per_candidate(echo: EchoServer, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from commander_pam_plugin import protocol
-    from commander_pam_plugin.config import PamConfig
     from commander_pam_plugin.negotiation import ConnectOptions, RouterClient, open_session
     from commander_pam_plugin.loop import BackgroundLoop
 
