@@ -47,6 +47,16 @@ class ExtraAgent:
         self.agent = self.stack.run(start(), WAIT + 5)
         return self.agent
 
+    def kill(self) -> None:
+        """End the router link as a killed process would: no `close`, no state event, no goodbye.
+        The sessions stay in the dead agent object until stop() cleans them up."""
+        async def kill() -> None:
+            assert self.agent is not None and self._task is not None
+            self.agent._stopping.set()  # no redial: this process is dead
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.stack.run(kill(), WAIT + 5)
+
     def stop(self) -> None:
         async def stop() -> None:
             assert self.agent is not None and self._task is not None
