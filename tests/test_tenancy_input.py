@@ -177,3 +177,46 @@ def test_bad_websocket_messages_are_refused_and_both_sockets_live_on():
                     assert any("sent a bad frame: frame holds an integer longer than 32 digits" in r.getMessage()
                                for r in logs.at(logging.WARNING, ROUTER_LOG))
             run(main(), 60)
+
+
+def test_pam_gateway_serve_logs_a_strangers_garbage_as_one_warning_line_and_never_the_token(tmp_path):
+    """The same through the real CLI and its default logging (INFO, aiohttp's loggers included)."""
+    import socket
+    import time
+
+    from test_gateway_config import WAIT as CLI_WAIT
+    from test_gateway_config import Process, write_toml
+
+    token, gateway_token = "alice-" + "t" * 30, "gateway-" + "g" * 30
+    path = write_toml(tmp_path / "gw.toml", f'[router]\nlisten = "127.0.0.1:0"\n\n[[users]]\nname = "alice"\n'
+                                            f'token = "{token}"\n\n[gateway]\nname = "gw"\ntoken = "{gateway_token}"\n')
+    serve = Process("serve", "--config", str(path))
+    try:
+        url = serve.wait_line(r"router listening on (http://\S+)").group(1)
+        serve.wait_line(r"gateway gw online")
+        host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
+
+        def send(data: bytes) -> bytes:
+            with socket.create_connection((host, int(port)), timeout=CLI_WAIT) as sock:
+                sock.sendall(data)
+                reply = b""
+                while chunk := sock.recv(65536):
+                    reply += chunk
+                return reply
+
+        big = send(f"GET /api/v1/resources HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}{'A' * 9000}\r\n\r\n"
+                   .encode())
+        assert big.startswith(b"HTTP/1.0 431") and token.encode() not in big
+        assert send(b"GET / HTTP/1.1\r\nHost: \x00\x01\x02\x03\x04\x05\r\n\r\n").startswith(b"HTTP/1.0 400")
+        assert b'"ok": true' in send(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        lines, deadline = [], time.monotonic() + CLI_WAIT
+        while not any("GET /api/v1/health" in line for line in lines):  # logged after the two above
+            assert time.monotonic() < deadline
+            lines.append(serve.lines.get(timeout=CLI_WAIT))
+    finally:
+        assert serve.stop() == 0
+    text = "".join(lines)
+    assert " ERROR " not in text and "Traceback" not in text and token not in text and gateway_token not in text
+    warnings = [line for line in lines if " WARNING " in line]
+    assert len(warnings) == 2, warnings
+    assert "longer than the limit of 8190 bytes" in warnings[0] and "malformed HTTP request" in warnings[1]
