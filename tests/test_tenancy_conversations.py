@@ -163,3 +163,26 @@ def test_after_a_router_restart_a_stranger_naming_a_live_conversation_is_refused
             await router.stop()
 
         run(main(), 90)
+
+
+def test_a_conversation_whose_gateway_is_gone_expires_even_if_its_peer_was_connected():
+    with EchoServer() as echo:
+        data = make_config(router={"conversation_timeout": 0.5})
+        gateway_token = next(g["token"] for g in data["gateways"] if g["name"] == OFFLINE_GATEWAY)
+        settings = gateway_settings(OFFLINE_GATEWAY, gateway_token, [echo_resource(echo)])
+        with EmbeddedGateway(data) as stack:
+            gateway = ExtraAgent(stack, settings)
+            gateway.start()
+
+            async def main() -> None:
+                async with RouterClient(stack.router_url, data["users"][0]["token"]) as alice:
+                    session = await connect(alice, OFFLINE_GATEWAY, "echo")
+                    await session.stream.close()
+                    gateway.kill()  # never comes back: no hello will ever free it
+                    await _until(lambda: session.conversation_id not in stack.router.conversations,
+                                 "the conversation of a gone gateway to expire")
+                    await session.peer.close()
+            try:
+                run(main(), 60)
+            finally:
+                gateway.stop()
