@@ -59,3 +59,19 @@ def test_a_gateway_at_its_session_limit_refuses_the_next_offer_and_keeps_the_oth
                     for session, client in ((sessions[0], alice), (again, bob)):
                         await session.close(client, gateway)
             run(main(), 60)
+
+
+def test_a_hello_whose_conversations_are_not_a_list_is_refused_with_4400():
+    data = make_config()
+    gateway_token = next(g["token"] for g in data["gateways"] if g["name"] == OFFLINE_GATEWAY)
+    with EmbeddedGateway(data) as stack:
+        async def main() -> None:
+            async with aiohttp.ClientSession() as http:
+                async with http.ws_connect(f"{stack.router_url}/api/v1/gateway/connect",
+                                           headers={"Authorization": f"Bearer {gateway_token}"}) as link:
+                    await link.send_json({"type": "hello", "gateway": OFFLINE_GATEWAY, "version": "1.8.0",
+                                          "conversations": "all of them"})
+                    assert (await link.receive(timeout=WAIT)).type == aiohttp.WSMsgType.CLOSE
+                    assert link.close_code == 4400
+            assert OFFLINE_GATEWAY not in stack.router.gateways
+        run(main())
