@@ -13,9 +13,9 @@ import aiohttp
 from gateway_support import OFFLINE_GATEWAY, WAIT, EchoServer, RouterClient, connect, make_config, run
 from tenancy_support import Records, echo_resource, echo_through, json_error, raw_http
 
-from commander_pam_plugin.gateway import router as router_module
+from commander_pam_plugin.gateway import client_errors
+from commander_pam_plugin.gateway.client_errors import MistakeLog
 from commander_pam_plugin.gateway.embedded import EmbeddedGateway
-from commander_pam_plugin.gateway.router import MistakeLog
 
 ROUTER_LOG = "commander_pam_plugin.gateway.router"
 HUGE_INTEGER = "9" * 5000  # Python refuses more than 4,300 digits with a ValueError
@@ -36,7 +36,7 @@ def _no_error_and_no_secret(logs: Records, secrets: list[str]) -> None:
 
 
 def test_every_malformed_request_gets_a_json_4xx_that_echoes_nothing_and_logs_one_warning(monkeypatch):
-    monkeypatch.setattr(router_module, "mistakes", MistakeLog(router_module.log, burst=1000))
+    monkeypatch.setattr(client_errors, "mistakes", MistakeLog(client_errors.log, burst=1000))
     with EchoServer() as echo:
         data = make_config([echo_resource(echo)])
         tokens = {u["name"]: u["token"] for u in data["users"]}
@@ -107,7 +107,7 @@ def test_every_malformed_request_gets_a_json_4xx_that_echoes_nothing_and_logs_on
 
 
 def test_a_flood_of_malformed_requests_writes_at_most_the_burst_of_warning_lines(monkeypatch):
-    monkeypatch.setattr(router_module, "mistakes", MistakeLog(router_module.log, burst=5, window=3600))
+    monkeypatch.setattr(client_errors, "mistakes", MistakeLog(client_errors.log, burst=5, window=3600))
     with EmbeddedGateway(make_config()) as stack:
         async def main() -> None:
             with Records() as logs:

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from aiohttp import WSMsgType, web
-from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from ..protocol import (MAX_BODY_BYTES, MAX_WS_MESSAGE_BYTES, PROTOCOL_VERSION, Action, ProtocolError,
                         check_conversation_id, check_name, parse_json, parse_json_body, validate_action)
+from . import client_errors
+from .client_errors import MAX_HEADER_BYTES, HttpError, JsonErrorRunner, client_caused, error_response
 from .config import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -41,120 +41,6 @@ CLOSE_BAD_CREDENTIALS = 4401
 CLOSE_BAD_HELLO = 4400
 CLOSE_REPLACED = 4409
 MAX_NAMES_IN_ERROR = 50
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 413: "too_large", 429: "rate_limited", 431: "header_too_large", 500: "internal",
-          502: "bad_gateway", 503: "unavailable", 504: "gateway_timeout"}
-# aiohttp's limit on one request line or header (its default; anything longer is refused with 431).
-MAX_HEADER_BYTES = 8190
-# Client mistakes are logged as one WARNING line each, at most this many per window; the rest are counted.
-MISTAKES_PER_WINDOW = 10
-MISTAKE_WINDOW_S = 10.0
-
-
-class HttpError(ProtocolError):
-    """A ProtocolError that also sets response headers (WWW-Authenticate, Retry-After)."""
-
-    def __init__(self, status: int, message: str, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, message, code or _CODES.get(status, "error"))
-        self.headers = headers or {}
-
-
-def _error_response(exc: ProtocolError) -> web.Response:
-    return web.json_response(exc.to_json(), status=exc.status, headers=getattr(exc, "headers", None))
-
-
-class MistakeLog:
-    """One WARNING line per client mistake, never a traceback, and at most `burst` lines per
-    `window` seconds: a stranger sending garbage cannot make the log grow faster than that."""
-
-    def __init__(self, logger: logging.Logger, burst: int = MISTAKES_PER_WINDOW,
-                 window: float = MISTAKE_WINDOW_S) -> None:
-        self.logger, self.burst, self.window = logger, burst, window
-        self.started = time.monotonic()
-        self.logged = 0
-        self.suppressed = 0
-
-    def warn(self, text: str) -> None:
-        now = time.monotonic()
-        if now - self.started >= self.window:
-            self.started, self.logged = now, 0
-        if self.logged >= self.burst:
-            self.suppressed += 1
-            return
-        self.logged += 1
-        if self.suppressed:
-            text += f" ({self.suppressed} more client mistakes not logged)"
-            self.suppressed = 0
-        self.logger.warning("%s", text)
-
-
-mistakes = MistakeLog(log)
-
-
-def _client_caused(exc: BaseException | None) -> HttpProcessingError | RequestPayloadError | None:
-    """The HTTP parsing error behind `exc` (a malformed request or body), if there is one."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, (HttpProcessingError, RequestPayloadError)):
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
-def _parse_error_reply(exc: BaseException | None) -> HttpError:
-    """What a request aiohttp could not parse gets: a fixed one-line reason, never its input."""
-    if isinstance(exc, LineTooLong):
-        return HttpError(431, f"a request line or header is longer than the limit of {MAX_HEADER_BYTES} bytes")
-    if isinstance(exc, BadHttpMethod):
-        return HttpError(400, "this is not an HTTP request")
-    return HttpError(400, f"malformed HTTP request ({exc.__class__.__name__ if exc else 'unreadable'})")
-
-
-class _JsonErrorRequestHandler(RequestHandler):
-    """aiohttp's connection handler, but a request it cannot parse gets a JSON 4xx that quotes
-    nothing it was sent (aiohttp's own text/plain reply repeats the offending header, token
-    included), logged as one rate-limited WARNING line instead of an ERROR traceback."""
-
-    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        if status >= 500 and _client_caused(exc) is None:
-            self.log_exception("router: unexpected error handling a request", exc_info=exc)
-            error = HttpError(500, "internal error in the router; see its log")
-        else:
-            error = _parse_error_reply(_client_caused(exc))
-            mistakes.warn(f"router: refused a malformed request from {request.remote}: {error.message}")
-        if request.writer.output_size > 0:
-            raise ConnectionError("a response was already sent; cannot send an error reply")
-        response = _error_response(error)
-        response.force_close()
-        return response
-
-    def log_exception(self, *args: Any, **kw: Any) -> None:
-        """A client's bad body surfacing in aiohttp's own code (e.g. while draining it) is a
-        client mistake too: one WARNING line, no traceback. Anything else stays an ERROR."""
-        found = _client_caused(kw.get("exc_info") if isinstance(kw.get("exc_info"), BaseException) else None)
-        if found is not None:  # the reply already said so (and the mistake was logged once, if at all)
-            log.debug("router: a client sent an unreadable request (%s)", found.__class__.__name__)
-            return
-        super().log_exception(*args, **kw)
-
-
-class _JsonErrorServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
-class _Runner(web.AppRunner):
-    """An AppRunner whose connections are handled by _JsonErrorRequestHandler."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        return _JsonErrorServer(server.request_handler, request_factory=server.request_factory,
-                                handler_cancellation=server.handler_cancellation, loop=server._loop,
-                                **server._kwargs)
-
-
 class TokenBucket:
     """Per-token action rate limit: `rate` per second, bursts up to `burst`."""
 
@@ -327,7 +213,7 @@ class Router:
         except OSError as exc:
             sock.close()
             raise OSError(exc.errno, f"cannot listen on {host}:{port} ({exc.strerror})") from None
-        self._runner = _Runner(self.app, shutdown_timeout=2.0, max_line_size=MAX_HEADER_BYTES,
+        self._runner = JsonErrorRunner(self.app, shutdown_timeout=2.0, max_line_size=MAX_HEADER_BYTES,
                                max_field_size=MAX_HEADER_BYTES)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
@@ -386,23 +272,23 @@ class Router:
             return await handler(request)
         except ProtocolError as exc:
             if exc.status == 400:
-                mistakes.warn(f"router: refused {request.method[:16]} {_route(request)} from "
+                client_errors.mistakes.warn(f"router: refused {request.method[:16]} {_route(request)} from "
                               f"{request.remote}: {exc.message}")
-            return _error_response(exc)
+            return error_response(exc)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error_response(HttpError(exc.status, _http_reason(exc, request)))
+            return error_response(HttpError(exc.status, _http_reason(exc, request)))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if _client_caused(exc) is not None:  # e.g. a body that is not the Content-Encoding it claims
+            if client_caused(exc) is not None:  # e.g. a body that is not the Content-Encoding it claims
                 error = HttpError(400, "the request body could not be read (bad Content-Encoding or framing)")
-                mistakes.warn(f"router: refused {request.method[:16]} {_route(request)} from "
+                client_errors.mistakes.warn(f"router: refused {request.method[:16]} {_route(request)} from "
                               f"{request.remote}: {error.message}")
-                return _error_response(error)
+                return error_response(error)
             log.exception("router: unexpected error on %s %s", request.method, request.path[:200])
-            return _error_response(HttpError(500, "internal error in the router; see its log"))
+            return error_response(HttpError(500, "internal error in the router; see its log"))
 
     def _user(self, request: web.Request) -> str:
         """The user whose token this is; every token is compared in constant time. A gateway's
@@ -749,7 +635,7 @@ class Router:
         try:
             message = parse_json(text, "frame")
         except ProtocolError as exc:
-            mistakes.warn(f"router: gateway {link.name} sent a bad frame: {exc.message}")
+            client_errors.mistakes.warn(f"router: gateway {link.name} sent a bad frame: {exc.message}")
             return
         if not isinstance(message, dict):
             return
@@ -768,7 +654,7 @@ class Router:
             log.debug("router: dropping an event from %s for an unknown conversation", link.name)
             return
         if not isinstance(event, dict) or event.get("type") not in EVENT_TYPES:
-            mistakes.warn(f"router: gateway {link.name} sent a malformed event")
+            client_errors.mistakes.warn(f"router: gateway {link.name} sent a malformed event")
             return
         conversation.touched = time.monotonic()
         conversation.deliver(event)
