@@ -220,3 +220,22 @@ def test_pam_gateway_serve_logs_a_strangers_garbage_as_one_warning_line_and_neve
     warnings = [line for line in lines if " WARNING " in line]
     assert len(warnings) == 2, warnings
     assert "longer than the limit of 8190 bytes" in warnings[0] and "malformed HTTP request" in warnings[1]
+
+
+def test_a_failure_of_the_router_itself_is_a_json_500_and_an_error_with_its_traceback(monkeypatch):
+    """The one 5xx the router makes on its own: a bug (simulated by a handler that raises)."""
+    from commander_pam_plugin.gateway.router import Router
+
+    async def broken(self, request):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(Router, "_health", broken)
+    with EmbeddedGateway(make_config()) as stack:
+        async def main() -> None:
+            with Records() as logs:
+                async with RouterClient(stack.router_url, None) as anyone:
+                    status, body, headers = await anyone.request("GET", "/api/v1/health")
+            assert status == 500 and headers["Content-Type"].startswith("application/json")
+            assert body["error"] == {"code": "internal", "message": "internal error in the router; see its log"}
+            errors = logs.at(logging.ERROR, ROUTER_LOG)
+            assert len(errors) == 1 and errors[0].exc_info is not None
+        run(main())
