@@ -32,6 +32,9 @@ MAX_TERMINAL_SIZE = 1000
 MAX_WS_MESSAGE_BYTES = 256 * 1024
 MAX_CONVERSATIONS_PER_USER = 64
 MAX_JSON_DEPTH = 32  # honest messages nest 5 deep; Python's own parser fails near 1,000
+# Honest integers (ids, ports, sizes) have at most 20 digits; Python refuses over 4,300 with a
+# ValueError that is not a JSON error, and converting long ones costs quadratic time.
+MAX_JSON_INTEGER_DIGITS = 32
 
 ACTION_KINDS = ("offer", "icecandidate", "close", "resources", "ping")
 SESSION_MODES = ("tunnel", "terminal")
@@ -79,15 +82,29 @@ def check_conversation_id(value: Any) -> str:
     return value
 
 
+class _IntegerTooLong(ValueError):
+    pass
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) - text.startswith("-") > MAX_JSON_INTEGER_DIGITS:
+        raise _IntegerTooLong(text[:0])
+    return int(text)
+
+
 def parse_json(text: str | bytes, what: str = "body") -> Any:
-    """JSON that is safe to walk: UTF-8, no lone surrogates, at most MAX_JSON_DEPTH levels deep.
+    """JSON that is safe to walk: UTF-8, no lone surrogates, at most MAX_JSON_DEPTH levels deep,
+    integers of at most MAX_JSON_INTEGER_DIGITS digits.
 
     Every JSON text from another party goes through here: the stdlib parser raises
-    RecursionError on deep nesting, and a lone surrogate breaks any later encode().
+    RecursionError on deep nesting, ValueError on an integer over 4,300 digits, and a lone
+    surrogate breaks any later encode().
     """
     try:
-        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        value = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text, parse_int=_bounded_int)
+    except _IntegerTooLong:
+        raise _bad(f"{what} holds an integer longer than {MAX_JSON_INTEGER_DIGITS} digits") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise _bad(f"{what} is not valid JSON ({exc.__class__.__name__})") from None
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:  # iterative, so the check itself cannot recurse too deep

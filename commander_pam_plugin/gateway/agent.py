@@ -147,7 +147,9 @@ class GatewayAgent:
         resources = [{"name": r.name, "kind": r.kind, "users": None if r.users is None else list(r.users)}
                      for r in self.settings.resources]
         return {"type": "hello", "gateway": self.name, "version": self.version,
-                "capabilities": self.capabilities, "resources": resources}
+                "capabilities": self.capabilities, "resources": resources,
+                # The sessions this run still has: the router frees its other conversations with us.
+                "conversations": list(self.sessions)}
 
     async def _write(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """The only writer on the link, so replies and events keep their order."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import rtc
-from ..protocol import ALL_CAPABILITIES, check_name
+from ..protocol import ALL_CAPABILITIES, MAX_CONVERSATIONS_PER_USER, check_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,6 +29,9 @@ DEFAULT_REPLY_TIMEOUT_S = 15.0
 # A client that vanishes before its peer connects is freed this long after its offer (after
 # connecting, ICE consent notices in about 3 s); an honest connect needs well under 1 s here.
 DEFAULT_ICE_TIMEOUT_S = 8.0
+# A conversation with no stream, no connected peer and no action for this long is freed, so a
+# client that vanished without `close` (or one that only ever sent candidates) gives its slot back.
+DEFAULT_CONVERSATION_TIMEOUT_S = 120.0
 RESOURCE_KINDS = ("tcp", "ssh")
 MIN_TOKEN_LENGTH = 16
 
@@ -45,10 +48,14 @@ class User:
 
 @dataclass(frozen=True)
 class GatewayIdentity:
-    """A gateway the router accepts: its name and the token it must present."""
+    """A gateway the router accepts: its name, the token it must present, and the resources the
+    config gives it. With `only_listed` it may serve exactly those; without, also any name that
+    the config gives to no gateway (so a config that lists nothing behaves as before)."""
 
     name: str
     token: str = field(repr=False)
+    resources: tuple[str, ...] = ()
+    only_listed: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,10 +94,23 @@ class RouterSettings:
     rate_limit: float = DEFAULT_RATE
     rate_burst: int = DEFAULT_BURST
     reply_timeout: float = DEFAULT_REPLY_TIMEOUT_S
+    conversation_timeout: float = DEFAULT_CONVERSATION_TIMEOUT_S
+    max_conversations_per_user: int = MAX_CONVERSATIONS_PER_USER
 
     @property
     def url(self) -> str:
         return f"http://{_url_host(self.host)}:{self.port}"
+
+    def may_serve(self, gateway: str, resource: str) -> bool:
+        """Ownership is configuration: what a gateway announces counts only where this says yes.
+        Several gateways may list one name (serving it together is for later; the router then
+        asks the client to pick one)."""
+        identity = next((g for g in self.gateways if g.name == gateway), None)
+        if identity is None:
+            return False
+        if resource in identity.resources:
+            return True
+        return not identity.only_listed and not any(resource in g.resources for g in self.gateways)
 
 
 @dataclass(frozen=True)
@@ -235,21 +255,55 @@ def _users(root: _Reader) -> tuple[User, ...]:
 
 def _router(root: _Reader, gateway: GatewaySettings | None) -> RouterSettings:
     reader = root.table_at("router") or _Reader(root.source, {}, "router.", root.base)
-    reader.reject_unknown({"listen", "rate_limit", "rate_burst", "reply_timeout"})
+    reader.reject_unknown({"listen", "rate_limit", "rate_burst", "reply_timeout", "conversation_timeout",
+                           "max_conversations_per_user"})
     host, port = _listen(reader)
-    gateways = [GatewayIdentity(gateway.name, gateway.token)] if gateway else []
+    # The process's own [gateway] is given its own [[resources]]: no other gateway may serve them.
+    gateways = [GatewayIdentity(gateway.name, gateway.token, tuple(r.name for r in gateway.resources))] \
+        if gateway else []
     for item in root.tables("gateways"):
-        item.reject_unknown({"name", "token"})
-        identity = GatewayIdentity(item.name("name"), item.token("token"))
+        item.reject_unknown({"name", "token", "resources"})
+        served = _served(item)
+        identity = GatewayIdentity(item.name("name"), item.token("token"), served or (), served is not None)
         if any(g.name == identity.name for g in gateways):
             raise item.error("name", f"gateway {identity.name!r} is defined twice")
         gateways.append(identity)
     burst = reader.get("rate_burst", int, DEFAULT_BURST)
     if not 1 <= burst <= 100_000:
         raise reader.error("rate_burst", "must be between 1 and 100000")
-    return RouterSettings(host, port, _users(root), tuple(gateways),
+    per_user = reader.get("max_conversations_per_user", int, MAX_CONVERSATIONS_PER_USER)
+    if not 1 <= per_user <= 100_000:
+        raise reader.error("max_conversations_per_user", "must be between 1 and 100000")
+    users = _users(root)
+    _refuse_shared_tokens(root, users, gateways)
+    return RouterSettings(host, port, users, tuple(gateways),
                           reader.number("rate_limit", DEFAULT_RATE, 0.1, 100_000), burst,
-                          reader.number("reply_timeout", DEFAULT_REPLY_TIMEOUT_S, 0.05, 600))
+                          reader.number("reply_timeout", DEFAULT_REPLY_TIMEOUT_S, 0.05, 600),
+                          reader.number("conversation_timeout", DEFAULT_CONVERSATION_TIMEOUT_S, 0.1, 86_400),
+                          per_user)
+
+
+def _served(item: _Reader) -> tuple[str, ...] | None:
+    """A [[gateways]] entry's `resources`: the names it may serve (absent: any name no list names)."""
+    names = item.get("resources", list)
+    if names is None:
+        return None
+    for index, name in enumerate(names):
+        try:
+            check_name(name, "resource")
+        except Exception:
+            raise item.error(f"resources[{index}]", "must be a resource name") from None
+    return tuple(names)
+
+
+def _refuse_shared_tokens(root: _Reader, users: tuple[User, ...], gateways: list[GatewayIdentity]) -> None:
+    """A gateway token that is also a user token would let that user act as the gateway (and the
+    gateway as the user): refused at start, naming both and quoting neither token."""
+    for gateway in gateways:
+        for user in users:
+            if gateway.token == user.token:
+                raise root.error("gateways", f"gateway {gateway.name!r} has the same token as user {user.name!r}; "
+                                             f"give every gateway and user a token of its own")
 
 
 def _private_key(reader: _Reader) -> str | None:

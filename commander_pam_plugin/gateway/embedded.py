@@ -193,4 +193,8 @@ def _with_demo(config: Config, server: DemoSSHServer) -> Config:
     demo = Resource(name="demo", kind="ssh", host=LOCALHOST, port=server.port, username=server.username,
                     password=server.password, insecure_skip_host_key_check=True)
     resources = tuple(r for r in config.gateway.resources if r.name != "demo") + (demo,)
-    return dataclasses.replace(config, gateway=dataclasses.replace(config.gateway, resources=resources))
+    # The router lets its own gateway serve exactly its resources: "demo" is one of them now.
+    identities = tuple(dataclasses.replace(g, resources=tuple(r.name for r in resources))
+                       if g.name == config.gateway.name else g for g in config.router.gateways)
+    return dataclasses.replace(config, gateway=dataclasses.replace(config.gateway, resources=resources),
+                               router=dataclasses.replace(config.router, gateways=identities))

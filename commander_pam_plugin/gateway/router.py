@@ -23,9 +23,10 @@ from typing import Any, Callable
 
 from aiohttp import WSMsgType, web
 
-from ..protocol import (MAX_BODY_BYTES, MAX_CONVERSATIONS_PER_USER, MAX_WS_MESSAGE_BYTES, PROTOCOL_VERSION,
-                        Action, ProtocolError, check_conversation_id, check_name, parse_json, parse_json_body,
-                        validate_action)
+from ..protocol import (MAX_BODY_BYTES, MAX_WS_MESSAGE_BYTES, PROTOCOL_VERSION, Action, ProtocolError,
+                        check_conversation_id, check_name, parse_json, parse_json_body, validate_action)
+from . import client_errors
+from .client_errors import MAX_HEADER_BYTES, HttpError, JsonErrorRunner, client_caused, error_response
 from .config import RouterSettings
 
 log = logging.getLogger(__name__)
@@ -40,24 +41,6 @@ CLOSE_BAD_CREDENTIALS = 4401
 CLOSE_BAD_HELLO = 4400
 CLOSE_REPLACED = 4409
 MAX_NAMES_IN_ERROR = 50
-_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-          409: "conflict", 413: "too_large", 429: "rate_limited", 500: "internal", 502: "bad_gateway",
-          503: "unavailable", 504: "gateway_timeout"}
-
-
-class HttpError(ProtocolError):
-    """A ProtocolError that also sets response headers (WWW-Authenticate, Retry-After)."""
-
-    def __init__(self, status: int, message: str, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, message, code or _CODES.get(status, "error"))
-        self.headers = headers or {}
-
-
-def _error_response(exc: ProtocolError) -> web.Response:
-    return web.json_response(exc.to_json(), status=exc.status, headers=getattr(exc, "headers", None))
-
-
 class TokenBucket:
     """Per-token action rate limit: `rate` per second, bursts up to `burst`."""
 
@@ -135,17 +118,36 @@ class _StreamOut:
 
 @dataclass
 class Conversation:
+    """A conversation as the router knows it. Its gateway binding counts only once `confirmed`:
+    once that gateway accepted an action of the owner on it. Until then events are held, and a
+    refusal undoes the binding, so after a router restart a stranger who names someone else's
+    conversation id never receives its events (the gateway, which still knows the owner, decides)."""
+
     id: str
     owner: str
     gateway: str | None = None
     stream: _StreamOut | None = None
     early: deque[tuple[float, dict[str, Any]]] = field(default_factory=lambda: deque(maxlen=EARLY_EVENTS))
+    confirmed: bool = False
+    held: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=EARLY_EVENTS))
+    peer_live: bool = False  # the gateway said "connected" and has not said "closed"/"failed" since
+    touched: float = field(default_factory=time.monotonic)
 
     def deliver(self, event: dict[str, Any]) -> None:
-        if self.stream is not None:
+        if not self.confirmed:
+            self.held.append(event)
+        elif self.stream is not None:
             self.stream.put(event)
         else:
             self.early.append((time.monotonic(), event))
+
+    def confirm(self) -> None:
+        """The gateway accepted the owner's action: the binding stands and held events go out."""
+        if not self.confirmed:
+            self.confirmed = True
+            held, self.held = list(self.held), deque(maxlen=EARLY_EVENTS)
+            for event in held:
+                self.deliver(event)
 
     def attach(self, stream: _StreamOut) -> None:
         """A new stream gets 'ready', then every event kept while none was open."""
@@ -179,6 +181,7 @@ class Router:
         self._observers: list[Callable[[str, str, str], None]] = []
         self._sockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.app = self._build_app()
 
     def _build_app(self) -> web.Application:
@@ -210,18 +213,48 @@ class Router:
         except OSError as exc:
             sock.close()
             raise OSError(exc.errno, f"cannot listen on {host}:{port} ({exc.strerror})") from None
-        self._runner = web.AppRunner(self.app, shutdown_timeout=2.0)
+        self._runner = JsonErrorRunner(self.app, shutdown_timeout=2.0, max_line_size=MAX_HEADER_BYTES,
+                               max_field_size=MAX_HEADER_BYTES)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
         bound = sock.getsockname()[1]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+        self._sweeper = asyncio.ensure_future(self._sweep())
         log.info("router listening on %s", self.url)
+        for identity in self.settings.gateways:
+            if not identity.only_listed:
+                log.info("router: gateway %s may also serve resources the config gives to no gateway "
+                         "(list them in its [[gateways]] resources to allow only those)", identity.name)
         return self.url
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def _sweep(self) -> None:
+        """Free idle conversations on a steady beat (the per-user cap also sweeps on demand)."""
+        interval = min(max(self.settings.conversation_timeout / 4, 0.05), 10.0)
+        while True:
+            await asyncio.sleep(interval)
+            self.expire_idle()
+
+    def expire_idle(self) -> int:
+        """Free every conversation with no stream, no live peer (on an online gateway) and no
+        action or event for conversation_timeout; returns how many were freed."""
+        horizon = time.monotonic() - self.settings.conversation_timeout
+        idle = [c for c in self.conversations.values()
+                if c.stream is None and c.touched < horizon
+                and not (c.peer_live and c.gateway is not None and c.gateway in self.gateways)]
+        for conversation in idle:
+            self._drop(conversation.id)
+        if idle:
+            log.info("router: freed %d idle conversations", len(idle))
+        return len(idle)
 
     async def _close_sockets(self, app: web.Application) -> None:
         await asyncio.gather(*(ws.close(code=1001, message=b"router shutting down") for ws in list(self._sockets)),
@@ -238,24 +271,35 @@ class Router:
         try:
             return await handler(request)
         except ProtocolError as exc:
-            return _error_response(exc)
+            if exc.status == 400:
+                client_errors.mistakes.warn(f"router: refused {request.method[:16]} {_route(request)} from "
+                              f"{request.remote}: {exc.message}")
+            return error_response(exc)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error_response(HttpError(exc.status, _http_reason(exc, request)))
+            return error_response(HttpError(exc.status, _http_reason(exc, request)))
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            if client_caused(exc) is not None:  # e.g. a body that is not the Content-Encoding it claims
+                error = HttpError(400, "the request body could not be read (bad Content-Encoding or framing)")
+                client_errors.mistakes.warn(f"router: refused {request.method[:16]} {_route(request)} from "
+                              f"{request.remote}: {error.message}")
+                return error_response(error)
             log.exception("router: unexpected error on %s %s", request.method, request.path[:200])
-            return _error_response(HttpError(500, "internal error in the router; see its log"))
+            return error_response(HttpError(500, "internal error in the router; see its log"))
 
     def _user(self, request: web.Request) -> str:
-        """The user whose token this is; every token is compared in constant time."""
+        """The user whose token this is; every token is compared in constant time. A gateway's
+        token never counts as a user's (config refuses the overlap; this holds without it)."""
         token = _bearer(request)
         found = None
         for user in self.settings.users:
             if hmac.compare_digest(token, user.token.encode()):
                 found = user.name
+        if found is not None and any(hmac.compare_digest(token, g.token.encode()) for g in self.settings.gateways):
+            found = None
         if found is None:
             raise HttpError(401, "invalid token", headers={"WWW-Authenticate": "Bearer"})
         return found
@@ -291,21 +335,28 @@ class Router:
             raise HttpError(403, f"conversation {conversation_id} belongs to another user")
         return conversation
 
-    def _bind(self, conversation_id: str, user: str, gateway: str | None) -> tuple[Conversation, bool]:
-        """The conversation, bound to the first user who touches it; (conversation, newly bound)."""
+    def _bind(self, conversation_id: str, user: str, gateway: str | None) -> tuple[Conversation, bool, bool]:
+        """The conversation, bound to the first user who touches it: (conversation, created, gateway
+        newly bound). A gateway binding made here is tentative until that gateway accepts the action."""
         conversation = self._owned(conversation_id, user)
         created = conversation is None
         if conversation is None:
+            limit = self.settings.max_conversations_per_user
             owned = sum(1 for c in self.conversations.values() if c.owner == user)
-            if owned >= MAX_CONVERSATIONS_PER_USER:
-                raise HttpError(429, f"user {user} has {owned} open conversations; close some first")
+            if owned >= limit and self.expire_idle():
+                owned = sum(1 for c in self.conversations.values() if c.owner == user)
+            if owned >= limit:
+                raise HttpError(429, f"user {user} has {owned} open conversations (the limit is {limit}); "
+                                     f"close some first")
             conversation = self.conversations[conversation_id] = Conversation(conversation_id, user)
+        conversation.touched = time.monotonic()
+        newly_bound = False
         if gateway is not None:
             if conversation.gateway is None:
-                conversation.gateway = gateway
+                conversation.gateway, newly_bound = gateway, True
             elif conversation.gateway != gateway:
                 raise HttpError(409, f"conversation {conversation_id} is in use with gateway {conversation.gateway}")
-        return conversation, created
+        return conversation, created, newly_bound
 
     def _drop(self, conversation_id: str) -> None:
         conversation = self.conversations.pop(conversation_id, None)
@@ -339,7 +390,7 @@ class Router:
         self._rate_limit(user)  # it may ask every gateway at once: it counts like an action
         links = list(self.gateways.values())
         resources = [r.public(link.name) for link in links if link.resources is not None
-                     for r in link.resources if r.allows(user)]
+                     for r in link.resources if r.allows(user)]  # announcements were checked at hello
         silent = [link for link in links if link.resources is None]
         replies = await asyncio.gather(*(self.call(link, user, Action("", "resources", {}, False))
                                          for link in silent), return_exceptions=True)
@@ -348,7 +399,8 @@ class Router:
                 log.warning("router: gateway %s did not list resources (%s)", link.name, _one_line(reply))
                 continue
             for item in reply.get("resources", []) if isinstance(reply.get("resources"), list) else []:
-                if isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("kind"), str):
+                if isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("kind"), str) \
+                        and self.settings.may_serve(link.name, item["name"]):
                     resources.append({"name": item["name"], "kind": item["kind"], "gateway": link.name})
         resources.sort(key=lambda r: (r["gateway"], r["name"]))
         return web.json_response({"ok": True, "resources": resources})
@@ -397,15 +449,26 @@ class Router:
         raise HttpError(404, f"unknown resource {resource}; resources you may use: {_names(usable)}")
 
     async def _forward(self, link: GatewayLink, user: str, action: Action) -> web.Response:
-        """Send a validated action to `link`, binding its conversation; the reply names the gateway."""
-        conversation, created = (self._bind(action.conversation_id, user, link.name)
-                                 if action.kind in ("offer", "icecandidate", "close") else (None, False))
+        """Send a validated action to `link`, binding its conversation; the reply names the gateway.
+        The gateway's reply decides the binding: accepted, it stands; refused, a tentative one is undone."""
+        if action.kind == "offer" and not self.settings.may_serve(link.name, action.data.get("resource")):
+            raise HttpError(404, f"gateway {link.name} does not serve resource {action.data.get('resource')}")
+        conversation, created, newly_bound = (self._bind(action.conversation_id, user, link.name)
+                                              if action.kind in ("offer", "icecandidate", "close")
+                                              else (None, False, False))
         try:
             data = await self.call(link, user, action)
         except ProtocolError:
-            if created and conversation.stream is None:
-                self._drop(action.conversation_id)
+            if conversation is not None and not conversation.confirmed:
+                conversation.held.clear()
+                if newly_bound and conversation.gateway == link.name:
+                    conversation.gateway = None
+                if created and conversation.stream is None:
+                    self._drop(action.conversation_id)
             raise
+        else:
+            if conversation is not None and conversation.gateway == link.name:
+                conversation.confirm()
         finally:
             if action.kind == "close":  # the client is done with it, whatever the gateway said
                 self._drop(action.conversation_id)
@@ -453,7 +516,7 @@ class Router:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=4096)
         if not ws.can_prepare(request).ok:
             raise HttpError(400, "the conversation stream is a WebSocket; send an upgrade request")
-        conversation, _ = self._bind(conversation_id, user, None)
+        conversation, _, _ = self._bind(conversation_id, user, None)
         await ws.prepare(request)
         self._sockets.add(ws)
         out = _StreamOut(ws)
@@ -461,10 +524,11 @@ class Router:
         writer = asyncio.ensure_future(out.run())
         try:
             async for _ in ws:
-                pass  # clients send nothing on the stream; reading notices the close
+                pass  # clients send nothing on the stream: whatever they send is ignored, the stream lives
         finally:
             self._sockets.discard(ws)
             writer.cancel()
+            conversation.touched = time.monotonic()
             if conversation.stream is out:
                 conversation.stream = None
                 # Nobody listens any more and no gateway will end it (none bound, or its gateway
@@ -516,7 +580,8 @@ class Router:
             hello = None
         if not isinstance(hello, dict) or hello.get("type") != "hello" or not isinstance(hello.get("version"), str) \
                 or not isinstance(hello.get("capabilities", []), list) \
-                or not isinstance(hello.get("resources"), (list, type(None))):
+                or not isinstance(hello.get("resources"), (list, type(None))) \
+                or not isinstance(hello.get("conversations"), (list, type(None))):
             await ws.close(code=CLOSE_BAD_HELLO, message=b"expected a hello message")
             return None
         if hello.get("gateway") != name:
@@ -524,18 +589,45 @@ class Router:
             await ws.close(code=CLOSE_BAD_CREDENTIALS, message=b"gateway name does not match its token")
             return None
         capabilities = [c for c in hello.get("capabilities", []) if isinstance(c, str) and len(c) <= 32][:16]
-        resources = _announced(name, hello.get("resources"))
+        resources = self._permitted(name, _announced(name, hello.get("resources")))
         link = GatewayLink(name, ws, hello["version"][:32], capabilities, resources)
         old = self.gateways.get(name)
         self.gateways[name] = link
         if old is not None:
             old.fail_pending(f"gateway {name} reconnected")
             await old.ws.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection")
+        if hello.get("conversations") is not None:
+            self._forget_unknown(name, hello["conversations"])
         await ws.send_json({"type": "welcome"})
         log.info("router: gateway %s online (version %s, capabilities %s, %s)", name, link.version,
                  ",".join(capabilities) or "none",
                  "resources asked per listing" if resources is None else f"{len(resources)} resources announced")
         return link
+
+    def _permitted(self, gateway: str, announced: tuple[AnnouncedResource, ...] | None
+                   ) -> tuple[AnnouncedResource, ...] | None:
+        """The announced resources this gateway may serve; the others are refused with one WARNING
+        and never reach a user (no listing, no offer)."""
+        if announced is None:
+            return None
+        refused = [r.name for r in announced if not self.settings.may_serve(gateway, r.name)]
+        if refused:
+            log.warning("router: gateway %s announced resources it may not serve, refused: %s",
+                        gateway, _names(refused))
+        return tuple(r for r in announced if self.settings.may_serve(gateway, r.name))
+
+    def _forget_unknown(self, gateway: str, live: list[Any]) -> None:
+        """A (re)connecting gateway lists the conversations it still has: every conversation bound
+        to it that it does not list ended with its previous run, so it is freed (and its stream told)."""
+        known = {c for c in live if isinstance(c, str)}
+        gone = [c for c in self.conversations.values() if c.gateway == gateway and c.id not in known]
+        for conversation in gone:
+            if conversation.stream is not None and conversation.confirmed:
+                conversation.stream.put({"type": "state", "state": "closed",
+                                         "reason": f"gateway {gateway} restarted; this conversation is gone"})
+            self._drop(conversation.id)
+        if gone:
+            log.info("router: gateway %s no longer has %d conversations; freed them", gateway, len(gone))
 
     def _on_gateway_frame(self, link: GatewayLink, text: str) -> None:
         for observer in self._observers:
@@ -543,7 +635,7 @@ class Router:
         try:
             message = parse_json(text, "frame")
         except ProtocolError as exc:
-            log.warning("router: gateway %s sent a bad frame: %s", link.name, exc.message)
+            client_errors.mistakes.warn(f"router: gateway {link.name} sent a bad frame: {exc.message}")
             return
         if not isinstance(message, dict):
             return
@@ -562,11 +654,14 @@ class Router:
             log.debug("router: dropping an event from %s for an unknown conversation", link.name)
             return
         if not isinstance(event, dict) or event.get("type") not in EVENT_TYPES:
-            log.warning("router: gateway %s sent a malformed event", link.name)
+            client_errors.mistakes.warn(f"router: gateway {link.name} sent a malformed event")
             return
+        conversation.touched = time.monotonic()
         conversation.deliver(event)
-        if event["type"] == "state" and event.get("state") in ("closed", "failed"):
-            self._drop(conversation.id)
+        if event["type"] == "state":
+            conversation.peer_live = event.get("state") == "connected"
+            if event.get("state") in ("closed", "failed"):
+                self._drop(conversation.id)
 
 
 def _announced(gateway: str, items: list[Any] | None) -> tuple[AnnouncedResource, ...] | None:
@@ -608,6 +703,12 @@ def _bearer(request: web.Request) -> bytes:
 def _one_line(value: Any) -> str:
     text = value.message if isinstance(value, ProtocolError) else str(value)
     return " ".join(text.split())[:300] or value.__class__.__name__
+
+
+def _route(request: web.Request) -> str:
+    """The matched route's pattern (never the raw path, which a client chose)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "(no route)"
 
 
 def _http_reason(exc: web.HTTPException, request: web.Request) -> str:
