@@ -15,6 +15,7 @@ PAM_KEEPER_TAKEOVER=1 merges them into Keeper's own `pam` group instead.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -227,9 +228,11 @@ class PluginGroup(KeeperGroup):
             return None
         if verb == "":
             return super().execute_args(params, args, **kwargs)
-        self.print_help()
-        raise self.host.failure(self.path, f"{self.path}: unknown command '{verb}' (see '{self.path} help')",
-                                USAGE)
+        message = f"unknown command '{self.path} {verb}'"
+        close = difflib.get_close_matches(verb.lower(), list(self._commands), n=1)
+        if close:
+            message += f"; did you mean '{self.path} {close[0]}'?"
+        raise self.host.failure("", f"{message} (see '{self.path} help')", USAGE)
 
     def print_help(self, **kwargs: Any) -> None:
         super().print_help(command=self.path)
