@@ -265,3 +265,18 @@ def test_plain_keeper_loads_the_plugins_only_after_the_hook_is_installed(tmp_pat
     assert removed.returncode == 0 and "removed" in removed.stdout
     assert "no tunnels" not in ks.run("keeper", "pam-x", "tunnel", "list", env=env).stdout
     assert "not installed" in ks.run("keeper-pam-hook", "status", env=env).stdout
+
+
+def test_sighup_runs_the_plugins_shutdown_too(tmp_path: Path) -> None:
+    marker = tmp_path / "shutdown.txt"
+    child = _shell(_env(tmp_path, COMMANDER_PLUGIN_PATHS=str(FIXTURE), FIXTURE_SHUTDOWN_FILE=str(marker)))
+    try:
+        child.sendline("demo mode")
+        child.expect_exact("interactive=True")
+        child.expect_exact(PROMPT)
+        child.kill(signal.SIGHUP)
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 128 + signal.SIGHUP
+    assert marker.read_text().count("shutdown") == 1
