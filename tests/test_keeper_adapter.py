@@ -90,7 +90,8 @@ def test_usage_errors_give_status_2_and_one_line(tmp_path: Path, argv: list[str]
 
 
 def test_failed_plugin_commands_keep_their_status_and_say_one_line(tmp_path: Path) -> None:
-    env = _env(tmp_path, COMMANDER_PLUGIN_PATHS=str(FIXTURE))
+    marker = tmp_path / "shutdown.txt"
+    env = _env(tmp_path, COMMANDER_PLUGIN_PATHS=str(FIXTURE), FIXTURE_SHUTDOWN_FILE=str(marker))
     failed = ks.run("keeper-pam", "demo", "fail", "--status", "4", env=env)
     assert failed.returncode == 4 and failed.stderr.strip() == "demo fail: it failed"
     crashed = ks.run("keeper-pam", "demo", "crash", env=env)
@@ -98,6 +99,17 @@ def test_failed_plugin_commands_keep_their_status_and_say_one_line(tmp_path: Pat
     assert crashed.stderr.strip() == "demo crash: unexpected RuntimeError: boom (turn on 'debug' to see the traceback)"
     unknown = ks.run("keeper-pam", "pam-x", "tunnel", "stop", "t9", env=env)
     assert unknown.returncode == 1 and "pam-x tunnel stop: no tunnel 't9'" in unknown.stderr
+    assert marker.read_text().count("shutdown") == 3  # commander_shutdown once per run, failed or not
+
+
+def test_the_group_name_is_a_setting_and_never_replaces_a_keeper_command(tmp_path: Path) -> None:
+    renamed = ks.run("keeper-pam", "wpam", "t", "l", env=_env(tmp_path, PAM_KEEPER_GROUP="wpam"))
+    assert renamed.returncode == 0 and renamed.stdout.strip() == "no tunnels", renamed.stderr
+    clash = ks.run("keeper-pam", "ls", env=_env(tmp_path, PAM_KEEPER_GROUP="ls"))
+    assert "not added: Keeper Commander has a command of that name" in clash.stderr
+    assert "Email:" in clash.stdout + clash.stderr  # still Keeper's ls, which needs a login
+    bad = ks.run("keeper-pam", "--version", env=_env(tmp_path, PAM_KEEPER_GROUP="Bad Name"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: PAM_KEEPER_GROUP='Bad Name'")
 
 
 def test_help_names_the_full_command_path(tmp_path: Path) -> None:
@@ -179,6 +191,10 @@ def test_debug_file_gets_the_timing_lines_and_the_console_does_not(gateway, tmp_
     assert TIMING_LINE in text and "pam-tunnel:total | ready | " in text
     assert " - DEBUG - commander_pam_plugin.timing - " in text
     assert TIMING_LINE not in result.stdout + result.stderr
+    # Keeper's plain `debug` turns its console to DEBUG: then the plugin's lines show there too
+    script.write_text("debug\npam-x tunnel start echo --run true\n")
+    shown = ks.run("keeper-pam", str(script), env=_env(tmp_path, gateway, PAM_CONNECT_TIMING="1"))
+    assert shown.returncode == 0 and TIMING_LINE in shown.stderr, shown.stderr
 
 
 # Interactive shell -------------------------------------------------------------------------
@@ -267,12 +283,17 @@ def test_plain_keeper_loads_the_plugins_only_after_the_hook_is_installed(tmp_pat
     assert "not installed" in ks.run("keeper-pam-hook", "status", env=env).stdout
 
 
-def test_sighup_runs_the_plugins_shutdown_too(tmp_path: Path) -> None:
+def test_sighup_runs_the_plugins_shutdown_too(gateway, tmp_path: Path) -> None:
     marker = tmp_path / "shutdown.txt"
-    child = _shell(_env(tmp_path, COMMANDER_PLUGIN_PATHS=str(FIXTURE), FIXTURE_SHUTDOWN_FILE=str(marker)))
+    child = _shell(_env(tmp_path, gateway, COMMANDER_PLUGIN_PATHS=str(FIXTURE), FIXTURE_SHUTDOWN_FILE=str(marker)))
     try:
         child.sendline("demo mode")
         child.expect_exact("interactive=True")
+        child.expect_exact(PROMPT)
+        # Keeper's prompt collapses runs of whitespace, inside quotes too (docs/KEEPER.md)
+        child.sendline("pam-x t s echo --run \"printf '[%s]' 'a   b'\"")
+        child.expect(r"\[(a +b)\]")
+        assert child.match.group(1) == "a b"
         child.expect_exact(PROMPT)
         child.kill(signal.SIGHUP)
         child.expect(pexpect.EOF)
