@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import signal
-import sys
 import time
 from pathlib import Path
 
