@@ -300,3 +300,12 @@ def test_sighup_runs_the_plugins_shutdown_too(gateway, tmp_path: Path) -> None:
         child.close()
     assert child.exitstatus == 128 + signal.SIGHUP
     assert marker.read_text().count("shutdown") == 1
+
+
+def test_a_plugin_failing_at_start_up_is_one_line_and_status_2(tmp_path: Path) -> None:
+    broken = tmp_path / "broken_plugin.py"
+    broken.write_text("from commander_pam_plugin.hookspecs import hookimpl\n\n"
+                      "@hookimpl\ndef commander_startup(context):\n    raise RuntimeError('nope')\n")
+    result = ks.run("keeper-pam", "pam-x", "t", "l", env=_env(tmp_path, COMMANDER_PLUGIN_PATHS=str(broken)))
+    assert result.returncode == 2
+    assert result.stderr == "error: plugin start-up failed: RuntimeError: nope\n"

@@ -483,7 +483,12 @@ def run_with_plugins(keeper_main: Callable[[], Any], environ: Mapping[str, str] 
         settings = KeeperSettings.from_environ(environ)
         pm = load_plugins(settings.plugin_paths, environ)
         host = KeeperHost(pm, settings)
-        host.install()
+        try:
+            host.install()
+        except Exception as err:
+            log.debug("plugin start-up failed", exc_info=True)
+            host.uninstall()
+            raise PamError(f"plugin start-up failed: {type(err).__name__}: {err}", status=USAGE) from None
     except PamError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return err.status
