@@ -309,3 +309,23 @@ def test_a_plugin_failing_at_start_up_is_one_line_and_status_2(tmp_path: Path) -
     result = ks.run("keeper-pam", "pam-x", "t", "l", env=_env(tmp_path, COMMANDER_PLUGIN_PATHS=str(broken)))
     assert result.returncode == 2
     assert result.stderr == "error: plugin start-up failed: RuntimeError: nope\n"
+
+
+def test_launch_at_keepers_prompt_hands_the_terminal_over_and_back(tmp_path: Path) -> None:
+    env = _env(tmp_path, TERM="xterm-256color")
+    child = pexpect.spawn(str(ks.BIN / "keeper-pam"), ["--proxy", f"http://127.0.0.1:{free_port()}", "shell"],
+                          env=env, encoding="utf-8", timeout=ks.WAIT, cwd=str(tmp_path))
+    try:
+        child.expect_exact("Not logged in>")  # prompt_toolkit draws the space as a cursor move here
+        child.sendline("pam-x l demo")
+        child.expect(r"[#$] ")
+        child.sendline("echo MARK$((40+2)); exit 5")
+        child.expect_exact("MARK42")
+        child.expect_exact("pam-x launch: exit status 5")
+        child.expect_exact("Not logged in>")  # Keeper's prompt is back after the remote shell ended
+        child.sendline("q")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 5  # the last command's status, as commander-shell gives it
+    _no_network(tmp_path)
