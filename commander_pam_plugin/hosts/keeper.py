@@ -212,8 +212,9 @@ class PluginGroup(KeeperGroup):
 
     def add(self, verb: str, command: Any, description: str, aliases: Sequence[str]) -> None:
         self.register_command(verb, command, description)
-        for alias in aliases:
-            self._aliases[alias] = verb
+        for alias in aliases:  # never take an alias Keeper gave to another of its verbs
+            if self._aliases.get(alias, verb) == verb and alias not in self._commands:
+                self._aliases[alias] = verb
 
     def execute_args(self, params: Any, args: str, **kwargs: Any) -> Any:
         args = (args or "").strip()
