@@ -110,7 +110,10 @@ class KeeperLogBridge(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         root = logging.getLogger()
-        for handler in list(root.handlers):
+        handlers = list(root.handlers)
+        if not handlers and logging.lastResort is not None:  # before Keeper's basicConfig ran
+            handlers = [logging.lastResort]
+        for handler in handlers:
             if record.levelno < handler.level:
                 continue
             if (record.levelno < logging.INFO and not _is_debug_file(handler)
