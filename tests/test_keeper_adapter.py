@@ -330,3 +330,13 @@ def test_launch_at_keepers_prompt_hands_the_terminal_over_and_back(tmp_path: Pat
         child.close()
     assert child.exitstatus == 5  # the last command's status, as commander-shell gives it
     _no_network(tmp_path)
+
+
+def test_a_plugin_warning_before_keeper_sets_up_logging_still_prints(tmp_path: Path) -> None:
+    early = tmp_path / "early_plugin.py"
+    early.write_text("import logging\nfrom commander_pam_plugin.hookspecs import hookimpl\n\n"
+                     "@hookimpl\ndef commander_startup(context):\n"
+                     "    logging.getLogger('commander_pam_plugin.early').warning('early warning')\n")
+    result = ks.run("keeper-pam", "pam-x", "t", "l", env=_env(tmp_path, COMMANDER_PLUGIN_PATHS=str(early)))
+    assert result.returncode == 0 and result.stdout == "no tunnels\n"
+    assert result.stderr == "early warning\n"
