@@ -109,6 +109,10 @@ def test_the_group_name_is_a_setting_and_never_replaces_a_keeper_command(tmp_pat
     assert "Email:" in clash.stdout + clash.stderr  # still Keeper's ls, which needs a login
     bad = ks.run("keeper-pam", "--version", env=_env(tmp_path, PAM_KEEPER_GROUP="Bad Name"))
     assert bad.returncode == 2 and bad.stderr.startswith("error: PAM_KEEPER_GROUP='Bad Name'")
+    allowed = ks.run("keeper-pam", "pam-x", "t", "l", env=_env(tmp_path, COMMANDER_PLUGINS="pam"))
+    assert allowed.returncode == 0 and allowed.stdout.strip() == "no tunnels"
+    unknown = ks.run("keeper-pam", "--version", env=_env(tmp_path, COMMANDER_PLUGINS="nosuch"))
+    assert unknown.returncode == 2 and "COMMANDER_PLUGINS names 'nosuch'" in unknown.stderr
 
 
 def test_help_names_the_full_command_path(tmp_path: Path) -> None:
