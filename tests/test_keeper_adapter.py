@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -348,3 +349,23 @@ def test_a_plugin_warning_before_keeper_sets_up_logging_still_prints(tmp_path: P
         result = ks.run("keeper-pam", "pam-x", "t", "l", env=env)
     assert result.returncode == 0 and result.stdout == "no tunnels\n"
     assert result.stderr.startswith("early warning\n"), result.stderr
+
+
+def test_sigterm_to_a_one_shot_foreground_tunnel_closes_it_cleanly(gateway, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="commander_pam_plugin.gateway.answerer")
+    proc = subprocess.Popen([str(ks.BIN / "keeper-pam"), "pam-x", "tunnel", "start", "echo"],
+                            env=_env(tmp_path, gateway), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert re.match(r"tunnel t\d+: 127\.0\.0\.1:\d+ -> echo", proc.stdout.readline())
+        assert len(gateway.agent.sessions) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=ks.WAIT) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.communicate()
+    deadline = time.monotonic() + 10
+    while gateway.agent.sessions and time.monotonic() < deadline:
+        time.sleep(0.05)  # bounded poll of the gateway's state
+    ended = [r.getMessage() for r in caplog.records if r.name.endswith("answerer")]
+    assert len(ended) == 1 and "closed: closed by client" in ended[0], ended
