@@ -35,6 +35,22 @@ def _session_event(ctx: Any, kind: str, command: str, resource: str, session_id:
                                                   session_id=session_id, reason=reason))
 
 
+def connect_options(runtime: Any, args: argparse.Namespace) -> Any:
+    """How to negotiate for this command: --no-trickle-ice, and --timeout over the configured one."""
+    from .negotiation import ConnectOptions
+
+    timeout = getattr(args, "timeout", None) or runtime.config.connect_timeout_s
+    return ConnectOptions(trickle=not args.no_trickle_ice, timeout_s=timeout)
+
+
+def wants_json(args: argparse.Namespace) -> bool:
+    """--json or --format json (Keeper's spelling); the two must not contradict each other."""
+    fmt = getattr(args, "format", None)
+    if args.json and fmt == "table":
+        raise PamError("--json and --format table contradict each other; give one", status=2)
+    return bool(args.json or fmt == "json")
+
+
 def launch(ctx: Any, args: argparse.Namespace) -> int:
     from .launch import run_launch
 
@@ -58,7 +74,8 @@ def tunnel_start(ctx: Any, args: argparse.Namespace) -> int:
 
     try:
         tunnel = runtime.start_tunnel(ctx.hook, ref, args.host, args.port,
-                                      trickle=not args.no_trickle_ice, timing=timing, on_lost=on_lost)
+                                      trickle=not args.no_trickle_ice, timing=timing, on_lost=on_lost,
+                                      options=connect_options(runtime, args))
     except PamError as exc:
         _session_event(ctx, "failed", "pam tunnel start", ref.name, "", exc.message)
         raise
@@ -121,7 +138,7 @@ def _close(ctx: Any, runtime: Any, tunnel: Tunnel) -> None:
 
 def tunnel_list(ctx: Any, args: argparse.Namespace) -> int:
     records = [t.describe() for t in get_runtime().tunnels.values()]
-    _print_listing(ctx, args.json, records, "no tunnels",
+    _print_listing(ctx, wants_json(args), records, "no tunnels",
                    ("ID", "RESOURCE", "LOCAL", "STATE", "CONNS", "BYTES OUT", "BYTES IN", "AGE"),
                    lambda r: (r["id"], r["resource"], r["local_address"],
                               r["state"] + (f" ({r['reason']})" if r["reason"] else ""),
@@ -154,8 +171,13 @@ def tunnel_stop(ctx: Any, args: argparse.Namespace) -> int:
     runtime = get_runtime()
     if args.all:
         stopped = runtime.stop_all()
-    elif args.id:
+    elif args.id in runtime.tunnels:
         stopped = [runtime.stop_tunnel(args.id)]
+    elif args.id:  # Keeper's habit: a resource name stops every tunnel to it
+        ids = [t.id for t in list(runtime.tunnels.values()) if t.resource == args.id]
+        if not ids:
+            runtime.stop_tunnel(args.id)  # raises: no such tunnel, with the open ones named
+        stopped = [runtime.stop_tunnel(i) for i in ids]
     else:
         raise PamError("name a tunnel ID or use --all", status=2)
     for tunnel in stopped:
@@ -165,7 +187,7 @@ def tunnel_stop(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def resources(ctx: Any, args: argparse.Namespace) -> int:
-    _print_listing(ctx, args.json, get_runtime().router().resources(), "no resources available to you",
+    _print_listing(ctx, wants_json(args), get_runtime().router().resources(), "no resources available to you",
                    ("NAME", "KIND", "GATEWAY"),
                    lambda r: (str(r.get("name")), str(r.get("kind")), str(r.get("gateway"))))
     return 0

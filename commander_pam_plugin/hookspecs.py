@@ -30,7 +30,11 @@ class SessionEvent:
 
 @hookspec
 def commander_register_commands(registry: Any) -> None:
-    """Add commands with registry.add("pam tunnel start", handler, configure, help)."""
+    """Add commands with registry.add("pam tunnel start", handler, configure, help).
+
+    Hosts that support aliases also offer registry.alias("pam tunnel", "t"): another spelling
+    for the last word of a path (check with getattr: not every host has it).
+    """
 
 
 @hookspec

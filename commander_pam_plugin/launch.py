@@ -115,8 +115,9 @@ def run_launch(ctx: Any, args: argparse.Namespace) -> int:
         def on_peer(peer: ClientPeer) -> None:
             holder["flush"] = _attach(peer, holder, total, cli, progress)
 
+        from .commands import connect_options
         session = runtime.connect(ctx.hook, ref, request, trickle=not args.no_trickle_ice, timing=timing,
-                                  on_peer=on_peer)
+                                  on_peer=on_peer, options=connect_options(runtime, args))
     except BaseException:
         progress.clear()
         raise

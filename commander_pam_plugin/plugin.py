@@ -38,6 +38,19 @@ def listen_address(text: str) -> str:
     return str(address)
 
 
+def timeout_seconds(text: str) -> float:
+    """argparse type for --timeout: seconds, more than 0 and at most the config's ceiling."""
+    from .config import MAX_CONNECT_TIMEOUT_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"timeout must be a number of seconds, got {text!r}") from None
+    if not 0 < value <= MAX_CONNECT_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"timeout must be more than 0 and at most {MAX_CONNECT_TIMEOUT_S:g} s")
+    return value
+
+
 def _check_policy(ctx: Any, resource: str, command: str) -> None:
     """Ask pam_before_connect plugins first; the first reason given refuses the connection."""
     reason = ctx.hook.pam_before_connect(resource=resource, command=command)
@@ -47,9 +60,11 @@ def _check_policy(ctx: Any, resource: str, command: str) -> None:
 
 def _add_connect_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("resource", metavar="RESOURCE", help="resource name, as 'pam resources' lists it")
-    parser.add_argument("--no-trickle-ice", action="store_true",
+    parser.add_argument("--no-trickle-ice", "-nti", action="store_true",
                         help="send the offer with all candidates in one request (for old gateways)")
     parser.add_argument("--timing", action="store_true", help="print a table of connect-phase timings")
+    parser.add_argument("--timeout", type=timeout_seconds, default=None, metavar="S",
+                        help="give up connecting after S seconds (default: connect_timeout_s, 15)")
 
 
 def _configure_launch(parser: argparse.ArgumentParser) -> None:
@@ -60,22 +75,25 @@ def _configure_launch(parser: argparse.ArgumentParser) -> None:
 
 def _configure_tunnel_start(parser: argparse.ArgumentParser) -> None:
     _add_connect_options(parser)
-    parser.add_argument("--port", type=port_number, default=0, metavar="N",
+    parser.add_argument("--port", "-p", type=port_number, default=0, metavar="N",
                         help="local port to listen on (default 0: a free port, printed)")
-    parser.add_argument("--host", type=listen_address, default="127.0.0.1", metavar="ADDR",
+    parser.add_argument("--host", "-o", type=listen_address, default="127.0.0.1", metavar="ADDR",
                         help="local address to listen on (default 127.0.0.1)")
     parser.add_argument("--json", action="store_true", help="print the tunnel record as JSON")
-    parser.add_argument("--run", metavar="CMD",
+    parser.add_argument("--run", "-R", metavar="CMD",
                         help="run CMD while the tunnel is open, then stop it; exit with CMD's status")
 
 
 def _configure_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--format", choices=("table", "json"), default=None,
+                        help="output format, as Keeper Commander spells it (json = --json)")
 
 
 def _configure_tunnel_stop(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("id", nargs="?", metavar="ID", help="tunnel id, as 'pam tunnel list' shows it")
+    which.add_argument("id", nargs="?", metavar="ID",
+                       help="tunnel id, as 'pam tunnel list' shows it, or a resource name (stops its tunnels)")
     which.add_argument("--all", action="store_true", help="stop every tunnel")
 
 
@@ -115,6 +133,13 @@ def commander_register_commands(registry: Any) -> None:
     registry.add("pam tunnel list", _tunnel_list, _configure_json, help="list open tunnels")
     registry.add("pam tunnel stop", _tunnel_stop, _configure_tunnel_stop, help="stop one tunnel or all of them")
     registry.add("pam resources", _resources, _configure_json, help="list the resources you may connect to")
+    alias = getattr(registry, "alias", None)  # hosts without aliases still get every command
+    if alias is not None:  # Keeper Commander's spellings: pam l, pam t s|l|x
+        alias("pam launch", "l")
+        alias("pam tunnel", "t")
+        alias("pam tunnel start", "s")
+        alias("pam tunnel list", "l")
+        alias("pam tunnel stop", "x")
 
 
 @hookimpl

@@ -172,6 +172,7 @@ class CommandRegistry:
 
     def __init__(self) -> None:
         self._commands: dict[tuple[str, ...], Command] = {}
+        self._aliases: dict[tuple[str, ...], str] = {}  # (prefix..., alias) -> the word it stands for
 
     def add(self, path: str, handler: Handler,
             configure: Callable[[argparse.ArgumentParser], None] | None = None, help: str = "") -> None:
@@ -186,6 +187,22 @@ class CommandRegistry:
         if configure is not None:
             configure(parser)
         self._commands[words] = Command(name, handler, parser, help)
+
+    def alias(self, path: str, *words: str) -> None:
+        """Let each of `words` stand for the last word of `path`: alias("pam tunnel", "t") (Keeper's habits)."""
+        target = tuple(path.split())
+        if not target or not self._is_node(target):
+            raise ValueError(f"alias for unknown command {path!r}")
+        for word in words:
+            key = target[:-1] + (word,)
+            if self._is_node(key) or self._aliases.get(key, target[-1]) != target[-1]:
+                raise ValueError(f"alias {' '.join(key)!r} is already a command or another alias")
+            self._aliases[key] = target[-1]
+
+    def aliases_of(self, path: Sequence[str]) -> list[str]:
+        """The alias words registered for the last word of `path`."""
+        prefix, word = tuple(path[:-1]), path[-1]
+        return sorted(k[-1] for k, v in self._aliases.items() if k[:-1] == prefix and v == word)
 
     @property
     def commands(self) -> list[Command]:
@@ -234,8 +251,12 @@ class CommandRegistry:
     def _resolve(self, words: Sequence[str]) -> tuple[tuple[str, ...], list[str]]:
         """The deepest known prefix of words (a command or a group) and the words after it."""
         node: tuple[str, ...] = ()
-        while len(node) < len(words) and self._is_node(tuple(words[:len(node) + 1])):
-            node = tuple(words[:len(node) + 1])
+        while len(node) < len(words):
+            step = node + (words[len(node)],)
+            step = step if self._is_node(step) else node + (self._aliases.get(step, ""),)
+            if not self._is_node(step):
+                break
+            node = step
         return node, list(words[len(node):])
 
     def _group_help(self, prefix: tuple[str, ...]) -> str:
