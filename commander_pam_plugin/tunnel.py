@@ -100,12 +100,19 @@ class ChannelPump:
     async def run(self) -> None:
         upstream = asyncio.ensure_future(self._upstream())
         downstream = asyncio.ensure_future(self._downstream())
+        closed = asyncio.ensure_future(self._closed.wait())
         try:
-            await downstream  # ends on the remote's EOF, or when the channel closes
+            # ends on the remote's EOF, or when the channel closes; an abnormal close does not
+            # wait for a local application that stopped reading (it gets a reset instead)
+            await asyncio.wait({downstream, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not downstream.done() and not self._remote_eof:
+                downstream.cancel()
+            await asyncio.gather(downstream, return_exceptions=True)
             if self._closed.is_set():
                 upstream.cancel()
             await asyncio.gather(upstream, return_exceptions=True)
         finally:
+            closed.cancel()
             upstream.cancel()
             downstream.cancel()
             if self.channel.readyState == "open":

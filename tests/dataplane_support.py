@@ -4,7 +4,8 @@ with its own descriptor limit, and memory readings. Nothing here is a mock.
 `ModeTarget` is one TCP target whose connections pick a behaviour with their first byte, so
 several streams of one tunnel (one resource) can behave differently at once:
   b"S" slow reader (64 KiB/s), b"Q" silent (accepts, never reads), b"E" echo,
-  b"D" download source (sends `DOWNLOAD_BYTES` as fast as the connection takes them).
+  b"D" download source (sends `DOWNLOAD_BYTES` as fast as the connection takes them),
+  b"R" reads one block, then resets the connection.
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ class ModeTarget:
 
     def __init__(self) -> None:
         self.sock = socket.socket()
+        # small fixed receive buffers (inherited by accepted sockets): the kernel then absorbs
+        # little of what a silent or slow connection is sent, so the product's bounds show
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(512)
         self.port = self.sock.getsockname()[1]
@@ -72,6 +76,8 @@ class ModeTarget:
                 conn.shutdown(socket.SHUT_WR)
             elif mode == b"D":
                 self._download(conn)
+            elif mode == b"R":
+                reset_after_first_block(conn)
         except OSError:
             pass
         conn.close()
@@ -220,3 +226,11 @@ class LimitedGateway:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def reset_after_first_block(conn: socket.socket) -> None:
+    """Target behaviour b"R": read one block, then reset the connection (SO_LINGER 0)."""
+    import struct
+
+    conn.recv(BLOCK)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -260,7 +260,10 @@ class AnswerSession:
             return
         now = asyncio.get_running_loop().time()
         if not self._control_rate.take(now):
-            if now - self._last_notice >= REFUSAL_NOTICE_S:
+            if op == "open" and _is_stream_id(msg.get("id")):  # the client waits for this id's answer
+                self._refuse(f"over {self.limits.control_messages_per_s:g} control messages per second",
+                             id=msg["id"])
+            elif now - self._last_notice >= REFUSAL_NOTICE_S:
                 self._last_notice = now
                 self._refuse(f"over {self.limits.control_messages_per_s:g} control messages per second; "
                              "some were dropped")
@@ -289,7 +292,10 @@ class AnswerSession:
             return
         loop = asyncio.get_running_loop()
         due = self._last_resize + 1.0 / self.limits.resizes_per_s
-        self._resize_timer = loop.call_at(max(due, loop.time()), self._apply_resize)
+        if due <= loop.time():
+            self._apply_resize()  # at once: a ping after a lone resize still finds it applied
+        else:
+            self._resize_timer = loop.call_at(due, self._apply_resize)
 
     def _apply_resize(self) -> None:
         self._resize_timer = None
@@ -304,7 +310,7 @@ class AnswerSession:
         """open N: channel N to a fresh TCP connection; opened or refused, never both."""
         if not _is_stream_id(stream_id):
             self._refuse(f"stream id must be an integer from {FIRST_STREAM_ID} to {MAX_STREAM_ID}",
-                         id=stream_id if isinstance(stream_id, int) and abs(stream_id) < 2 ** 31 else None)
+                         id=stream_id if type(stream_id) is int and abs(stream_id) < 2 ** 31 else None)
             return
         if stream_id in self.streams:
             self._refuse(f"stream {stream_id} is already open", id=stream_id)

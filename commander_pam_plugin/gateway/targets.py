@@ -56,6 +56,7 @@ class ChannelPipe:
         self._inbox: asyncio.Queue[bytes | dict[str, Any] | None] = asyncio.Queue()
         self._drained = asyncio.Event()
         self._opened = asyncio.Event()
+        self.closed = asyncio.Event()
         channel.bufferedAmountLowThreshold = FLOW_LOW
         channel.on("message", self._on_message)
         channel.on("bufferedamountlow", self._drained.set)
@@ -94,6 +95,7 @@ class ChannelPipe:
         self._inbox.put_nowait(parsed)
 
     def _on_close(self) -> None:
+        self.closed.set()
         self._inbox.put_nowait(None)
         self.credit.close()
         self.window.release()
@@ -225,11 +227,28 @@ class TcpStream:
             item = await self.pipe.receive()
             if isinstance(item, bytes):
                 self._writer.write(item)
-                await self._writer.drain()
+                await self._drain()
                 self.pipe.delivered(len(item))
             elif item.get("op") == "eof":
                 half_close(self._writer)
                 return
+
+    async def _drain(self) -> None:
+        """drain(), but a stream closed meanwhile (cut, or the client gone) stops the wait: a target
+        that never reads must not hold its connection and quota slot forever."""
+        assert self._writer is not None
+        if self._writer.transport.get_write_buffer_size() <= READ_SIZE:
+            await self._writer.drain()  # not paused: returns at once
+            return
+        drain = asyncio.ensure_future(self._writer.drain())
+        closed = asyncio.ensure_future(self.pipe.closed.wait())
+        try:
+            await asyncio.wait({drain, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel([closed] + ([] if drain.done() else [drain]))
+        if drain.cancelled():
+            raise ChannelClosed()
+        drain.result()
 
     async def _from_target(self) -> None:
         assert self._reader is not None
