@@ -139,6 +139,14 @@ class TerminalFlow:
         self._update_writable()
 
 
+class FlowSessionRequest(protocol.SessionRequest):
+    """A terminal request that announces this client's terminal window (flow control, PROTOCOL.md
+    section 5), so the gateway is bounded from its first byte; older gateways ignore the field."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "window": flow.DEFAULT_WINDOW}
+
+
 class ChannelRemote:
     """RemoteEnd over the terminal data channel; called from the main thread, acts on the loop."""
 
@@ -209,8 +217,8 @@ def run_launch(ctx: Any, args: argparse.Namespace) -> int:
             raise PamError(f"{ref.name} is a {ref.kind} resource; pam launch opens ssh resources "
                            f"(use: pam tunnel start {ref.name})")
         timing.checkpoint("resource_resolved")
-        request = protocol.SessionRequest(mode="terminal", term=_terminal_type(), cols=cols, rows=rows,
-                                          command=args.command, pty=interactive)
+        request = FlowSessionRequest(mode="terminal", term=_terminal_type(), cols=cols, rows=rows,
+                                     command=args.command, pty=interactive)
         holder: dict[str, Any] = {}
 
         def on_peer(peer: ClientPeer) -> None:

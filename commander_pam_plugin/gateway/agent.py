@@ -21,6 +21,7 @@ from ..protocol import (ALL_CAPABILITIES, CAP_BATCH, CAP_TRICKLE, GATEWAY_VERSIO
                         Action, CandidateBatch, ProtocolError, parse_json, validate_action,
                         validate_icecandidate_data, validate_offer_data)
 from .answerer import MAX_REMOTE_CANDIDATES, AnswerSession
+from ..flow import parse_window
 from ..protocol import candidate_from_wire
 from .candidate_policy import CandidatePolicy
 from .config import GatewaySettings
@@ -264,7 +265,8 @@ class GatewayAgent:
                                 "unavailable")
         session = AnswerSession(cid, user, resource, offer.session, self.settings,
                                 lambda event: self.emit(cid, event), self._session_ended,
-                                limits=self.limits, connections=self.connections, router_url=self.router_url)
+                                limits=self.limits, connections=self.connections, router_url=self.router_url,
+                                client_window=_session_window(action.data))
         self.sessions[cid] = session
         log.info("conversation %s (%s, %s) opened: %s", cid, user, resource.name, offer.session.mode)
         self.applied_candidates[cid] = session.remote_candidates
@@ -332,6 +334,12 @@ class GatewayAgent:
     def _session_ended(self, session: AnswerSession) -> None:
         if self.sessions.get(session.conversation_id) is session:
             del self.sessions[session.conversation_id]
+
+
+def _session_window(data: Any) -> int | None:
+    """The terminal window a flow-control client announces in its offer's session (PROTOCOL.md 5)."""
+    session = data.get("session") if isinstance(data, dict) else None
+    return parse_window(session.get("window")) if isinstance(session, dict) else None
 
 
 def _message_type(text: str) -> Any:

@@ -40,7 +40,8 @@ class AnswerSession:
     def __init__(self, conversation_id: str, user: str, resource: Resource, request: SessionRequest,
                  settings: GatewaySettings, emit: Callable[[Event], None],
                  on_end: Callable[[AnswerSession], None], *, limits: GatewayLimits | None = None,
-                 connections: ConnectionQuota | None = None, router_url: str | None = None) -> None:
+                 connections: ConnectionQuota | None = None, router_url: str | None = None,
+                 client_window: int | None = None) -> None:
         self.conversation_id, self.user, self.resource, self.request = conversation_id, user, resource, request
         self.settings = settings
         self.limits = limits or settings.limits.resolved()
@@ -56,6 +57,7 @@ class AnswerSession:
         self._resize_timer: asyncio.TimerHandle | None = None
         self._last_resize = float("-inf")
         self.resizes_applied = 0
+        self._client_window = client_window  # terminal: the credit the client's offer announced
         self._emit, self._on_end = emit, on_end
         # Every remote candidate handed to aiortc, in order: {"candidate": "candidate:...", "via": ...}
         # where via is "sdp", "batch" or "single". Tests and diagnostics read it.
@@ -99,7 +101,7 @@ class AnswerSession:
         channel = self.pc.createDataChannel("terminal", negotiated=True, id=TERMINAL_CHANNEL_ID)
         self.ssh = SshTerminal(self.resource, self.request, recorder, self.settings.redact)
         self.ssh.start()
-        self._spawn(self.ssh.run(self._pipe(channel, None, announce=True)))
+        self._spawn(self.ssh.run(self._pipe(channel, self._client_window, announce=True)))
 
     def _pipe(self, channel: RTCDataChannel, send_limit: int | None, announce: bool = False) -> ChannelPipe:
         """A stream with this gateway's window, bounds and the session's buffer budget."""

@@ -29,6 +29,9 @@ CHUNK = 16 * 1024
 READ_SIZE = 64 * 1024
 TCP_CONNECT_TIMEOUT_S = 10.0
 SSH_CONNECT_TIMEOUT_S = 15.0
+# What the SSH server may send before the gateway reads it: one flow-control window, so a slow
+# client holds the gateway at about two windows per terminal (asyncssh's default is 2 MiB).
+SSH_WINDOW = DEFAULT_WINDOW
 
 
 class ChannelClosed(Exception):
@@ -327,7 +330,7 @@ class SshTerminal:
         request = self.request
         pty = dict(term_type=request.term, term_size=self._size) if request.pty else dict(request_pty=False)
         self._process = await self._connection.create_process(
-            request.command, encoding=None, stderr=asyncssh.STDOUT, **pty)
+            request.command, encoding=None, stderr=asyncssh.STDOUT, window=SSH_WINDOW, **pty)
         if request.pty and self._size != (request.cols, request.rows):
             self._process.change_terminal_size(*self._size)
 
