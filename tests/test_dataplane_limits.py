@@ -191,22 +191,23 @@ async def _size(answerer) -> tuple[int, int]:
 # --- remote candidates --------------------------------------------------------------------------
 
 def _settings(**limits):
-    config = make_config([{"name": "t", "kind": "tcp", "host": "127.0.0.1", "port": 5432}],
+    config = make_config([{"name": "t", "kind": "tcp", "host": "100.64.0.2", "port": 5432}],
                          host_addresses=["127.0.0.1"], limits=limits)
     return config_from_dict(config).gateway
 
 
 def test_the_candidate_policy_refuses_probing_targets_and_allows_loopback_only_when_switched_on() -> None:
-    strict = CandidatePolicy.for_gateway(_settings(allow_loopback_candidates=False), False, "http://127.0.0.1:8080")
+    strict = CandidatePolicy.for_gateway(_settings(allow_loopback_candidates=False), False, "http://100.64.0.1:8080")
     assert "loopback" in strict.refusal("127.0.0.1", 40000)
     assert "loopback" in strict.refusal("::1", 40000)
     assert strict.refusal("169.254.1.1", 40000) and strict.refusal("fe80::1", 40000)
     assert strict.refusal("224.0.0.251", 5353) and strict.refusal("0.0.0.0", 9)
     assert strict.refusal("printer.local", 40000)
     assert strict.refusal("100.64.0.9", 40000) is None
+    assert "own services" in strict.refusal("100.64.0.1", 8080) and "own services" in strict.refusal("100.64.0.2", 5432)
     lab = CandidatePolicy.for_gateway(_settings(), None, "http://127.0.0.1:8080")  # auto: loopback-only gateway
-    assert lab.refusal("127.0.0.1", 40000) is None
-    assert "own services" in lab.refusal("127.0.0.1", 8080) and "own services" in lab.refusal("127.0.0.1", 5432)
+    assert lab.refusal("127.0.0.1", 40000) is None and lab.refusal("127.0.0.1", 8080) is None
+    assert "own services" in lab.refusal("100.64.0.2", 5432)
 
 
 def test_dropped_candidates_are_not_reported_as_applied() -> None:

@@ -3,7 +3,7 @@
 A remote candidate is an address the gateway will send STUN packets to on a user's say-so,
 so without a policy the gateway is a UDP prober for anyone with a token. Refused: mDNS host
 names, unspecified, link-local and multicast addresses, loopback (unless allowed), and the
-ports the gateway itself depends on (its router and its targets). Loopback is allowed by
+ports the gateway itself depends on (its router and its targets, on their addresses). Loopback is allowed by
 default only when every host address of the gateway is loopback: such a gateway can only
 ever be reached from its own machine (the embedded default, tests, the benchmarks' stack).
 """
@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 @dataclass(frozen=True)
 class CandidatePolicy:
     allow_loopback: bool
-    protected_ports: frozenset[tuple[str, int]]  # (address or "*" for loopback/any, port)
+    protected_ports: frozenset[tuple[str, int]]  # (address, port) of the router and the targets
 
     @classmethod
     def for_gateway(cls, settings: Any, allow_loopback: bool | None,
@@ -41,7 +41,10 @@ class CandidatePolicy:
             return "a loopback address (allow_loopback_candidates is off)"
         if not 1 <= port <= 65535:
             return "port out of range"
-        if (str(address), port) in self.protected_ports or (address.is_loopback and ("*", port) in self.protected_ports):
+        # With loopback allowed (a lab, or a gateway only its own machine reaches) loopback ports
+        # are not singled out: the probing concern is accepted there, and a client's random UDP
+        # port may well share a number with a local TCP service.
+        if (str(address), port) in self.protected_ports and not (address.is_loopback and self.allow_loopback):
             return "a port of the gateway's own services"
         return None
 
@@ -64,11 +67,10 @@ def _service_ports(settings: Any, router_url: str | None) -> Iterable[tuple[str,
 
 
 def _address_port(host: str, port: int) -> Iterable[tuple[str, int]]:
+    if host == "localhost":
+        host = "127.0.0.1"
     try:
         address = ipaddress.ip_address(host)
-    except ValueError:  # a host name: protect the port on loopback, where names like localhost go
-        yield ("*", port)
+    except ValueError:  # other host names are not resolved here
         return
     yield (str(address), port)
-    if address.is_loopback:
-        yield ("*", port)
