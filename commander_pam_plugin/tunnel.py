@@ -158,7 +158,7 @@ class ChannelPump:
                 self.writer.write(data)
                 await self.writer.drain()
                 limit = self.window.deliver(len(data))
-                if limit is not None and self.channel.readyState == "open":
+                if limit is not None and self.credit.limit is not None and self.channel.readyState == "open":
                     self.channel.send(flow.credit_message(limit))
         except (ConnectionError, OSError) as exc:
             self._fail(f"local connection failed: {exc.__class__.__name__}")

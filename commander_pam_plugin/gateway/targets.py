@@ -55,6 +55,8 @@ class ChannelPipe:
         self.credit = SendCredit(send_limit)
         self.window = ReceiveWindow(window, bound, budget)
         self.failure = ""
+        # Credit goes only to a client that announced a window: an older one sees the old protocol.
+        self._grants = send_limit is not None
         self._announce = announce  # terminal: no open/opened, so the first window goes in-band
         self._inbox: asyncio.Queue[bytes | dict[str, Any] | None] = asyncio.Queue()
         self._drained = asyncio.Event()
@@ -69,7 +71,7 @@ class ChannelPipe:
             self._on_open()
 
     def _on_open(self) -> None:
-        if self._announce and not self._opened.is_set() and self.is_open:
+        if self._announce and self._grants and not self._opened.is_set() and self.is_open:
             self.channel.send(credit_message(self.window.granted))
         self._opened.set()
 
@@ -127,7 +129,7 @@ class ChannelPipe:
     def delivered(self, size: int) -> None:
         """`size` received bytes reached the target: grant the client that much more credit."""
         limit = self.window.deliver(size)
-        if limit is not None and self.is_open:
+        if limit is not None and self._grants and self.is_open:
             self.channel.send(credit_message(limit))
 
     async def send(self, data: bytes) -> None:
