@@ -21,7 +21,7 @@ from commander_pam_plugin.gateway.embedded import EmbeddedGateway
 from commander_pam_plugin.gateway.limits import GatewayLimits, default_connections_per_gateway
 from commander_pam_plugin.runtime import PamRuntime
 from dataplane_support import LimitedGateway, ModeTarget
-from gateway_support import (WAIT, ChannelReader, EchoServer, RouterClient, connect, demo_ssh_server, make_config,
+from gateway_support import (WAIT, EchoServer, RouterClient, connect, demo_ssh_server, make_config,
                              run, ssh_resource)
 
 
