@@ -8,6 +8,7 @@ import logging
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def _no_network(tmp_path: Path) -> None:
 # One-shot ----------------------------------------------------------------------------------
 
 def test_tunnel_run_carries_checked_data_and_returns_the_commands_status(gateway, tmp_path: Path) -> None:
-    check = f"{ks.BIN / 'python'} {ECHO_CHECK} {{port}} 8"
+    check = f"{sys.executable} {ECHO_CHECK} {{port}} 8"
     result = ks.run("keeper-pam", "pam-x", "tunnel", "start", "echo", "-R", f"{check} && exit 3",
                     env=_env(tmp_path, gateway))
     assert "sha256 match" in result.stdout, result.stdout + result.stderr
