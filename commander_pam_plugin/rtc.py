@@ -110,6 +110,13 @@ class PamConnection(aioice.ice.Connection):
         finally:
             self.stun_server, self.turn_server = stun_server, turn_server
         self._late = asyncio.ensure_future(self._gather_late())
+        if not self._local_candidates:
+            # aiortc starts ICE only if a local candidate exists when the remote description is
+            # applied. With no host candidate (relay policy) the first relayed one is the
+            # earliest any path can exist, so wait for it (or the end of gathering), no longer.
+            progress = asyncio.get_running_loop().create_future()
+            self._late_watchers.append(lambda _c: progress.done() or progress.set_result(None))
+            await progress
 
     @property
     def gathering_late(self) -> bool:

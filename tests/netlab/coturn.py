@@ -36,7 +36,7 @@ class Coturn:
                 f"--listening-port={port}", f"--user={self.username}:{self.password}", "--realm=netlab",
                 "--lt-cred-mech", "--no-cli", "--fingerprint", "--no-multicast-peers",
                 f"--log-file={self.log_path}", "--simple-log", f"--pidfile={workdir / f'turn-{port}.pid'}",
-                "--min-port=49152", "--max-port=49407", "--no-dtls"]
+                "--min-port=49152", "--max-port=49407", "--no-dtls", "--verbose"]
         if cert is not None and key is not None:
             args += [f"--tls-listening-port={tls_port}", f"--cert={cert}", f"--pkey={key}"]
         else:
