@@ -38,13 +38,14 @@ def turn(tmp_path_factory: pytest.TempPathFactory) -> coturn.Coturn:
 
 
 @needs_coturn
+@pytest.mark.parametrize("addresses", [["127.0.0.1"], []], ids=["with-host-addresses", "no-host-addresses"])
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 @pytest.mark.parametrize("trickle", [True, False], ids=["trickle", "non-trickle"])
 def test_relay_policy_connects_and_no_host_or_srflx_candidate_passes_the_router(
-        echo: EchoServer, turn: coturn.Coturn, transport: str, trickle: bool) -> None:
+        echo: EchoServer, turn: coturn.Coturn, transport: str, trickle: bool, addresses: list[str]) -> None:
     servers = [turn.turn(transport), turn.stun_url()]  # a STUN server too: relay must ignore it
     resources = [{"name": "echo", "kind": "tcp", "host": "127.0.0.1", "port": echo.port}]
-    config = make_config(resources, ice_servers=servers, ice_transport_policy="relay", host_addresses=[])
+    config = make_config(resources, ice_servers=servers, ice_transport_policy="relay", host_addresses=addresses)
     frames: list[tuple[str, str]] = []
     with EmbeddedGateway(config) as gw:
         gw.router.observe(lambda gateway, direction, frame: frames.append((direction, frame)))
@@ -52,7 +53,7 @@ def test_relay_policy_connects_and_no_host_or_srflx_candidate_passes_the_router(
         router = RouterClient(gw.router_url, gw.user_token("alice"))
         try:
             session = open_session(loop, router, gw.gateway_name, "echo", protocol.SessionRequest(),
-                                   ice_servers=rtc.ice_servers_from_config(servers), host_addresses=[],
+                                   ice_servers=rtc.ice_servers_from_config(servers), host_addresses=addresses,
                                    ice_transport_policy="relay", options=ConnectOptions(trickle=trickle))
             try:
                 assert rtc.selected_pair_types(session.peer.pc) == ("relay", "relay")
