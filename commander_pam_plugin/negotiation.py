@@ -91,9 +91,7 @@ class RouterClient:
         check_transport_security(self.base_url, insecure_http)  # before the token goes anywhere
         self._token = token
         self.ca_file = ca_file
-        self.session = requests.Session()
-        if ca_file is not None:
-            self.session.verify = ca_file
+        self.session = requests.Session()  # verify= per request: REQUESTS_CA_BUNDLE must not override ca_file
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -110,7 +108,7 @@ class RouterClient:
                  read_timeout: float = READ_TIMEOUT_S) -> dict[str, Any]:
         url = self.base_url + path
         try:
-            response = self.session.request(method, url, json=body,
+            response = self.session.request(method, url, json=body, verify=self.ca_file or True,
                                             timeout=(min(CONNECT_TIMEOUT_S, read_timeout), read_timeout))
         except requests.exceptions.SSLError as exc:
             raise PamError(f"the router at {self.base_url} failed TLS verification ({_tls_reason(exc)}); "

@@ -241,7 +241,7 @@ def _users(root: _Reader) -> tuple[User, ...]:
 def _router(root: _Reader, gateway: GatewaySettings | None) -> RouterSettings:
     reader = root.table_at("router") or _Reader(root.source, {}, "router.", root.base)
     reader.reject_unknown({"listen", "rate_limit", "rate_burst", "reply_timeout", "tls_cert", "tls_key"})
-    tls_cert, tls_key = reader.path("tls_cert"), reader.path("tls_key")
+    tls_cert, tls_key = _existing_file(reader, "tls_cert"), _existing_file(reader, "tls_key")
     if (tls_cert is None) != (tls_key is None):
         raise reader.error("tls_cert" if tls_cert is None else "tls_key", "tls_cert and tls_key go together")
     host, port = _listen(reader)
@@ -321,6 +321,13 @@ def _resource(reader: _Reader) -> Resource:
     return resource
 
 
+def _existing_file(reader: _Reader, key: str) -> Path | None:
+    path = reader.path(key)
+    if path is not None and not path.is_file():
+        raise reader.error(key, f"no such file: {path}")
+    return path
+
+
 def _gateway(root: _Reader) -> GatewaySettings | None:
     reader = root.table_at("gateway")
     if reader is None:
@@ -362,7 +369,7 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
     return GatewaySettings(name=reader.name("name"), token=reader.token("token"), router_url=router_url,
                            legacy=reader.get("legacy", bool, False), capabilities=capabilities,
                            host_addresses=addresses, ice_servers=ice_servers, ice_transport_policy=policy,
-                           router_ca_file=reader.path("router_ca_file"),
+                           router_ca_file=_existing_file(reader, "router_ca_file"),
                            recordings_dir=reader.path("recordings_dir", "recordings"),
                            ice_timeout=reader.number("ice_timeout", DEFAULT_ICE_TIMEOUT_S, 0.1, 600),
                            resources=tuple(resources))
