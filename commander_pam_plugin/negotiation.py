@@ -555,9 +555,27 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
     try:
         _run(loop, peer.wait_ready(), deadline, phase, resource, options)
     except PeerLost as exc:
-        raise PamError(f"could not connect to {resource}: {exc or 'the gateway closed the session'}") from None
+        reason = str(exc) or "the gateway closed the session"
+        hint = ice_hint(peer, resource) if "ICE" in reason or "failed" in reason else ""
+        raise PamError(f"could not connect to {resource}: {reason}{hint}") from None
+    except PamError as exc:
+        if not peer.ice_connected.is_set():  # the data plane never came up: say what was tried
+            raise PamError(exc.message + ice_hint(peer, resource)) from None
+        raise
     result.candidate_actions = sender.actions
     phase.done("data_channel_open", "nothing")
+
+
+def ice_hint(peer: ClientPeer, resource: str) -> str:
+    """What a failed connect tried and where to look next (ICE server URLs only, never credentials)."""
+    urls = []
+    for server in peer.ice_servers:
+        listed = getattr(server, "urls", server)
+        urls.extend(listed if isinstance(listed, list) else [listed])
+    hosts = ", ".join(peer.host_addresses) or "none"
+    servers = ", ".join(str(u).split("?")[0] for u in urls) or "none"
+    return (f" (tried: policy {peer.ice_transport_policy}, host addresses {hosts}, ICE servers {servers}); "
+            f"across NAT configure ice_servers (STUN, or TURN for symmetric NAT); run: pam tunnel diagnose {resource}")
 
 
 def _send_offer(result: Session, offer: dict[str, Any], timeout: Callable[[], float]) -> dict[str, Any]:
