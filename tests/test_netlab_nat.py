@@ -52,6 +52,25 @@ def test_turn_connects_across_symmetric_nats_with_32_mib_intact_each_way(tmp_pat
     assert "received 33554432 sha256 match" in result.stdout
 
 
+def test_turn_over_tls_connects_across_symmetric_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # turns: is verified against the system's CAs; SSL_CERT_FILE names the run's CA for both sides.
+    with LabStack(tmp_path, client_nat="symmetric", gateway_nat="symmetric", gateway_ice=["turns"]) as stack:
+        monkeypatch.setenv("SSL_CERT_FILE", str(stack.ca.ca_file))
+        result = stack.client(stack.client_config(ice=["turns"]), "tunnel", "start", "echo",
+                              "--run", stack.echo_check_command(1))
+    assert result.returncode == 0, result.stderr
+    assert "sha256 match" in result.stdout
+
+
+def test_stun_alone_does_not_connect_across_symmetric_nats(tmp_path: Path) -> None:
+    """The counter-case for the TURN tests: the lab's symmetric NAT really defeats STUN."""
+    with LabStack(tmp_path, client_nat="symmetric", gateway_nat="symmetric", gateway_ice=["stun"],
+                  gateway_ice_timeout=3.0) as stack:
+        result = stack.client(stack.client_config(ice=["stun"], timeout_s=10), "tunnel", "start", "echo",
+                              "--run", stack.echo_check_command(1))
+    assert result.returncode != 0 and "pam tunnel diagnose echo" in result.stderr
+
+
 def test_relay_policy_connects_and_the_router_relayed_no_host_or_srflx_candidate(tmp_path: Path) -> None:
     with LabStack(tmp_path, gateway_ice=["stun", "turn-udp"], gateway_policy="relay") as stack:
         result = stack.client(stack.client_config(ice=["stun", "turn-udp"], policy="relay"), "tunnel", "start",
