@@ -133,6 +133,9 @@ class Lab:
 
     client_nat: str = "cone"
     gateway_nat: str = "cone"
+    # Delay bridge on the client's uplink (delay.py): one-way ms for UDP (media) and TCP (signaling).
+    delay_udp_ms: float | None = None
+    delay_tcp_ms: float = 0.0
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     created: list[str] = field(default_factory=list)
 
@@ -154,12 +157,17 @@ class Lab:
         if self.client_nat not in NAT_KINDS or self.gateway_nat not in NAT_KINDS:
             raise ValueError(f"NAT kinds are {NAT_KINDS}")
         try:
-            for role in ("cli", "natA", "gw", "natB", "pub", "sink"):
+            roles = ["cli", "natA", "gw", "natB", "pub", "sink"] + (["dly"] if self.delay_udp_ms is not None else [])
+            for role in roles:
                 _sh("ip", "netns", "add", self.ns(role))
                 self.created.append(self.ns(role))
                 self._in(role, "ip", "link", "set", "lo", "up")
             self._veth("cli", "lan0", "natA", "lan0")
-            self._veth("natA", "wan0", "pub", "a0")
+            if self.delay_udp_ms is None:
+                self._veth("natA", "wan0", "pub", "a0")
+            else:  # natA wan0 -- [ea0 | delay.py | eb0] -- pub a0
+                self._veth("natA", "wan0", "dly", "ea0")
+                self._veth("dly", "eb0", "pub", "a0")
             self._veth("gw", "lan0", "natB", "lan0")
             self._veth("natB", "wan0", "pub", "b0")
             self._veth("pub", "sink0", "sink", "sink0")
@@ -183,10 +191,31 @@ class Lab:
             self._in("sink", "ip", "route", "add", "100.64.0.0/10", "via", "100.64.3.1")
             self._nat("natA", self.client_nat)
             self._nat("natB", self.gateway_nat)
+            if self.client_nat == "none" and self.gateway_nat == "none":  # routed: host candidates work
+                self._in("pub", "ip", "route", "add", "100.100.1.0/24", "via", NAT_A_WAN)
+                self._in("pub", "ip", "route", "add", "100.100.2.0/24", "via", NAT_B_WAN)
+            if self.delay_udp_ms is not None:
+                self._start_delay()
         except BaseException:
             self.close()
             raise
         return self
+
+    def _start_delay(self) -> None:
+        """Frames go through user space as they are: no offloads, so each is a real, checksummed one."""
+        for role, dev in (("natA", "wan0"), ("dly", "ea0"), ("dly", "eb0"), ("pub", "a0")):
+            subprocess.run([*self.exec_prefix(role), "ethtool", "-K", dev, "tx", "off", "rx", "off",
+                            "tso", "off", "gso", "off", "gro", "off"], capture_output=True)
+        for dev in ("ea0", "eb0"):
+            self._in("dly", "ip", "link", "set", dev, "promisc", "on")
+            self._in("dly", "ip", "link", "set", dev, "up")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "delay.py")
+        import sys
+        self.delay_process = subprocess.Popen(
+            [*self.exec_prefix("dly"), sys.executable, script, "ea0", "eb0", "--udp-ms", str(self.delay_udp_ms),
+             "--tcp-ms", str(self.delay_tcp_ms)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        if self.delay_process.stdout is None or self.delay_process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the delay bridge did not start")
 
     def _addr(self, role: str, dev: str, cidr: str) -> None:
         self._in(role, "ip", "addr", "add", cidr, "dev", dev)
@@ -211,6 +240,10 @@ class Lab:
 
     def close(self) -> None:
         """Delete every namespace this lab made (their veths and iptables rules go with them)."""
+        process = getattr(self, "delay_process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(5)
         for name in reversed(self.created):
             subprocess.run(["ip", "netns", "pids", name], capture_output=True)
             for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True,

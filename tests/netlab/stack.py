@@ -27,11 +27,11 @@ class LabStack:
 
     def __init__(self, workdir: Path, *, client_nat: str = "cone", gateway_nat: str = "cone",
                  gateway_ice: Sequence[str] = (), gateway_policy: str = "all", gateway_ice_timeout: float = 8.0,
-                 with_turn: bool = True) -> None:
+                 with_turn: bool = True, delay_udp_ms: float | None = None, delay_tcp_ms: float = 0.0) -> None:
         from gateway_support import EchoServer, make_config
 
         self.workdir = workdir
-        self.lab = Lab(client_nat, gateway_nat)
+        self.lab = Lab(client_nat, gateway_nat, delay_udp_ms=delay_udp_ms, delay_tcp_ms=delay_tcp_ms)
         self.frames: list[tuple[str, str]] = []
         self._loops: list[NetnsLoop] = []
         self.turn: coturn.Coturn | None = None
