@@ -558,10 +558,6 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
         reason = str(exc) or "the gateway closed the session"
         hint = ice_hint(peer, resource) if "ICE" in reason or "failed" in reason else ""
         raise PamError(f"could not connect to {resource}: {reason}{hint}") from None
-    except PamError as exc:
-        if not peer.ice_connected.is_set():  # the data plane never came up: say what was tried
-            raise PamError(exc.message + ice_hint(peer, resource)) from None
-        raise
     result.candidate_actions = sender.actions
     phase.done("data_channel_open", "nothing")
 
