@@ -25,7 +25,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import requests
 import websocket
 
-from . import protocol, rtc
+from . import protocol
 from .errors import PamError
 from .loop import BackgroundLoop
 from .peer import ClientPeer, PeerLost
@@ -513,10 +513,8 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
     if not in_offer:
         def gathered(future: Any) -> None:
             if not future.cancelled() and future.exception() is None:
-                pending = rtc.gathering_late(peer.pc)  # on the loop thread, like the gatherer
-                worker.submit(sender.add, future.result(), not pending)
-                if pending:
-                    loop.submit(peer.watch_late_candidates(late))
+                worker.submit(sender.add, future.result(), not peer.late_expected)
+                loop.submit(peer.watch_late_candidates(late))
 
         loop.submit(peer.local_candidates()).add_done_callback(gathered)
     else:

@@ -52,6 +52,7 @@ class ClientPeer:
         self._early_candidates: list[dict[str, Any]] = []
         self._early_end = False
         self._gathering: asyncio.Task[None] | None = None
+        self.late_expected = False  # server-reflexive/relay candidates follow the offer
         self._next_stream_id = protocol.FIRST_STREAM_ID
         self._streams: dict[int, RTCDataChannel] = {}
         self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
@@ -75,10 +76,15 @@ class ClientPeer:
         (candidates via local_candidates())."""
         offer = await self.pc.createOffer()
         if gather_first:
-            await rtc.set_local_description(self.pc, offer, self.host_addresses)
+            await self._describe(offer)
             return rtc.local_description_sdp(self.pc)
-        self._gathering = asyncio.ensure_future(rtc.set_local_description(self.pc, offer, self.host_addresses))
+        self._gathering = asyncio.ensure_future(self._describe(offer))
         return offer.sdp
+
+    async def _describe(self, offer: RTCSessionDescription) -> None:
+        await rtc.set_local_description(self.pc, offer, self.host_addresses)
+        # Read with no await in between: whether the candidates sent now are all there will be.
+        self.late_expected = rtc.gathering_late(self.pc)
 
     async def local_candidates(self) -> list[dict[str, Any]]:
         """Every local candidate, once gathering has finished (wire shape)."""
@@ -89,10 +95,12 @@ class ClientPeer:
 
     async def watch_late_candidates(self, callback: Callable[[dict[str, Any] | None], None]) -> None:
         """callback(wire candidate) for each server-reflexive/relay candidate found after the offer,
-        then callback(None); at once with None when nothing is pending."""
+        then callback(None); never called when gathering had ended with the offer (its
+        candidates and end-of-candidates went out then)."""
         if self._gathering is not None:
             await self._gathering
-        rtc.watch_late_candidates(self.pc, callback)
+        if self.late_expected:
+            rtc.watch_late_candidates(self.pc, callback)
 
     async def apply_answer(self, sdp: str) -> None:
         protocol.validate_sdp(sdp, "answer")

@@ -116,3 +116,19 @@ def test_a_dead_stun_server_on_both_sides_costs_nothing_beside_a_working_host_pa
                 router.close()
                 loop.stop()
         assert dead.requests >= 2  # both sides asked it
+
+
+def test_with_nothing_to_trickle_the_offer_carries_everything_and_no_candidate_action_follows(
+        echo: EchoServer) -> None:
+    resources = [{"name": "echo", "kind": "tcp", "host": "127.0.0.1", "port": echo.port}]
+    with EmbeddedGateway(make_config(resources)) as gw:
+        loop = BackgroundLoop()
+        router = RouterClient(gw.router_url, gw.user_token("alice"))
+        try:
+            session = open_session(loop, router, gw.gateway_name, "echo", protocol.SessionRequest(),
+                                   ice_servers=[], host_addresses=["127.0.0.1"])
+            session.close()
+            assert gw.router.conversation_stats[session.conversation_id]["icecandidate"] == 0
+        finally:
+            router.close()
+            loop.stop()
