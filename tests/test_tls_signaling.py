@@ -105,3 +105,14 @@ def test_router_tls_settings_are_checked_at_load(ca: TestCA, tmp_path: Path) -> 
         config_from_dict(make_config(router={"tls_cert": str(tmp_path / "nope.pem"), "tls_key": str(server.key)}))
     with pytest.raises(ConfigError, match="router_ca_file: no such file"):
         config_from_dict(make_config(router_ca_file=str(tmp_path / "nope.pem")))
+
+
+def test_a_file_that_is_not_a_certificate_and_key_is_one_config_error(tmp_path: Path) -> None:
+    from commander_pam_plugin.gateway.tls import TlsConfigError, client_context, server_context
+
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(TlsConfigError, match="not a usable certificate and key"):
+        server_context(junk, junk)
+    with pytest.raises(TlsConfigError, match="not a PEM CA bundle"):
+        client_context(junk)

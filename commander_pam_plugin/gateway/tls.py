@@ -9,8 +9,10 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from .config import ConfigError
 
-class TlsConfigError(ValueError):
+
+class TlsConfigError(ConfigError):
     """A certificate, key or CA file that cannot be used; the message names the file."""
 
 
