@@ -186,6 +186,12 @@ def tunnel_stop(ctx: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def tunnel_diagnose(ctx: Any, args: argparse.Namespace) -> int:
+    from . import diagnose
+
+    return diagnose.main(get_runtime(), ctx.hook, args.resource, args.json, _out(ctx))
+
+
 def resources(ctx: Any, args: argparse.Namespace) -> int:
     _print_listing(ctx, wants_json(args), get_runtime().router().resources(), "no resources available to you",
                    ("NAME", "KIND", "GATEWAY"),

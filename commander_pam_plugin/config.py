@@ -24,7 +24,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 CONFIG_ENV = "PAM_CONFIG"
 DEFAULT_PATH = Path(".config", "commander-pam", "config.toml")  # under the home directory
-KEYS = ("router_url", "token", "ice_servers", "host_addresses", "connect_timeout_s")
+KEYS = ("router_url", "token", "ice_servers", "host_addresses", "connect_timeout_s", "ice_transport_policy",
+        "ca_file", "insecure_http")
 MAX_CONNECT_TIMEOUT_S = 600.0
 
 
@@ -38,6 +39,9 @@ class PamConfig:
     host_addresses: tuple[str, ...] = rtc.DEFAULT_HOST_ADDRESSES
     connect_timeout_s: float = 15.0
     path: str | None = None
+    ice_transport_policy: str = "all"  # "relay": only TURN-relayed candidates leave this machine
+    ca_file: str | None = None  # CA bundle that signs the router's certificate (else the system's)
+    insecure_http: bool = False  # allow http:// to a router that is not on loopback (token in clear)
 
     def __repr__(self) -> str:
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -94,11 +98,31 @@ def _check_router_url(value: Any, source: str, key: str) -> str:
     return value.rstrip("/")
 
 
-def _check_addresses(value: Any, source: str, key: str) -> tuple[str, ...]:
+def is_loopback_url(url: str) -> bool:
+    """True for http(s)://127.x.y.z, [::1] or localhost: traffic that never leaves the machine."""
+    import ipaddress
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport_security(router_url: str, insecure_http: bool) -> None:
+    """Refuse to send a bearer token in clear over a network: http:// only to loopback."""
+    if urlsplit(router_url).scheme == "http" and not insecure_http and not is_loopback_url(router_url):
+        raise PamError(f"refusing to send the token in clear to {router_url}: use https:// "
+                       "(or set insecure_http = true / PAM_INSECURE_HTTP=1 on a trusted network)")
+
+
+def _check_addresses(value: Any, source: str, key: str, allow_empty: bool = False) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
         raise _fail(source, key, "must be a list of IP address strings")
     try:
-        return rtc.check_host_addresses(value)
+        return rtc.check_host_addresses(value, allow_empty=allow_empty)
     except ValueError as err:
         raise _fail(source, key, str(err)) from None
 
@@ -120,11 +144,32 @@ def load_config(environ: Mapping[str, str] = os.environ) -> PamConfig:
         raise _fail(source, "ice_servers", "must be a list")
     try:
         rtc.ice_servers_from_config(ice_servers)
-    except ValueError:
-        raise _fail(source, "ice_servers", "each entry must be a URL or {urls, username, credential}") from None
+    except ValueError as exc:
+        problem = str(exc) if "needs a username" in str(exc) or "not a stun" in str(exc) \
+            else "each entry must be a URL or {urls, username, credential}"
+        raise _fail(source, "ice_servers", problem) from None
+    policy = data.get("ice_transport_policy", PamConfig.ice_transport_policy)
+    if environ.get("PAM_ICE_TRANSPORT_POLICY"):
+        policy, policy_source, policy_key = environ["PAM_ICE_TRANSPORT_POLICY"], "environment", "PAM_ICE_TRANSPORT_POLICY"
+    else:
+        policy_source, policy_key = source, "ice_transport_policy"
+    try:
+        policy = rtc.check_policy(policy)
+    except ValueError as exc:
+        raise _fail(policy_source, policy_key, str(exc)) from None
+    relay = policy == "relay"
     addresses = rtc.DEFAULT_HOST_ADDRESSES
     if "host_addresses" in data:
-        addresses = _check_addresses(data["host_addresses"], source, "host_addresses")
+        addresses = _check_addresses(data["host_addresses"], source, "host_addresses", allow_empty=relay)
+    ca_file = data.get("ca_file")
+    if ca_file is not None:
+        if not isinstance(ca_file, str) or not ca_file:
+            raise _fail(source, "ca_file", "must be a path to a PEM file")
+        ca_file = str((path.parent / Path(ca_file).expanduser()) if not Path(ca_file).expanduser().is_absolute()
+                      else Path(ca_file).expanduser())
+    insecure_http = data.get("insecure_http", False)
+    if not isinstance(insecure_http, bool):
+        raise _fail(source, "insecure_http", "must be true or false")
     timeout = data.get("connect_timeout_s", PamConfig.connect_timeout_s)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
             or not 0 < timeout <= MAX_CONNECT_TIMEOUT_S:
@@ -137,6 +182,14 @@ def load_config(environ: Mapping[str, str] = os.environ) -> PamConfig:
     if environ.get("PAM_ICE_HOST_ADDRESSES"):
         listed = [a for a in environ["PAM_ICE_HOST_ADDRESSES"].split(",") if a.strip()]
         addresses = _check_addresses(listed, "environment", "PAM_ICE_HOST_ADDRESSES")
+    if environ.get("PAM_CA_FILE"):
+        ca_file = environ["PAM_CA_FILE"]
+    if environ.get("PAM_INSECURE_HTTP"):
+        insecure_http = environ["PAM_INSECURE_HTTP"].strip().lower() in ("1", "true", "yes")
+    if ca_file is not None and not os.path.isfile(ca_file):
+        raise _fail(source if not environ.get("PAM_CA_FILE") else "environment",
+                    "ca_file" if not environ.get("PAM_CA_FILE") else "PAM_CA_FILE", f"no such file: {ca_file}")
     return PamConfig(router_url=router_url, token=token, ice_servers=list(ice_servers),
                      host_addresses=addresses, connect_timeout_s=float(timeout),
-                     path=source if found else None)
+                     path=source if found else None, ice_transport_policy=policy,
+                     ca_file=ca_file, insecure_http=insecure_http)

@@ -84,10 +84,14 @@ def lookup_resource(items: Sequence[dict[str, Any]], name: str) -> dict[str, Any
 class RouterClient:
     """A keep-alive HTTP session to one router for one user token."""
 
-    def __init__(self, base_url: str, token: str) -> None:
+    def __init__(self, base_url: str, token: str, ca_file: str | None = None, insecure_http: bool = False) -> None:
+        from .config import check_transport_security
+
         self.base_url = base_url.rstrip("/")
+        check_transport_security(self.base_url, insecure_http)  # before the token goes anywhere
         self._token = token
-        self.session = requests.Session()
+        self.ca_file = ca_file
+        self.session = requests.Session()  # verify= per request: REQUESTS_CA_BUNDLE must not override ca_file
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -104,8 +108,11 @@ class RouterClient:
                  read_timeout: float = READ_TIMEOUT_S) -> dict[str, Any]:
         url = self.base_url + path
         try:
-            response = self.session.request(method, url, json=body,
+            response = self.session.request(method, url, json=body, verify=self.ca_file or True,
                                             timeout=(min(CONNECT_TIMEOUT_S, read_timeout), read_timeout))
+        except requests.exceptions.SSLError as exc:
+            raise PamError(f"the router at {self.base_url} failed TLS verification ({_tls_reason(exc)}); "
+                           "set ca_file to the CA that signed its certificate") from None
         except requests.ConnectionError as exc:
             raise PamError(f"cannot reach the router at {self.base_url}: {_reason(exc)}") from None
         except requests.Timeout:
@@ -208,11 +215,24 @@ class RouterClient:
         path = parts.path + f"/api/v1/conversations/{conversation_id}/stream"
         return urlunsplit((scheme, parts.netloc, path, "", ""))
 
+    def ssl_options(self) -> dict[str, Any]:
+        """websocket-client's sslopt: verify with ca_file when one is configured."""
+        return {"ca_certs": self.ca_file} if self.ca_file else {}
+
     def auth_header(self) -> str:
         return f"Authorization: Bearer {self._token}"
 
     def close(self) -> None:
         self.session.close()
+
+
+def _tls_reason(exc: Exception) -> str:
+    text = str(exc)
+    for marker in ("certificate verify failed", "hostname mismatch", "self-signed certificate",
+                   "unable to get local issuer certificate", "wrong version number"):
+        if marker in text:
+            return marker
+    return "TLS error"
 
 
 def _reason(exc: Exception) -> str:
@@ -245,7 +265,7 @@ class StreamListener:
         try:
             self._ws = websocket.create_connection(
                 self._router.stream_url(self._conversation_id), header=[self._router.auth_header()],
-                timeout=CONNECT_TIMEOUT_S, enable_multithread=True)
+                timeout=CONNECT_TIMEOUT_S, enable_multithread=True, sslopt=self._router.ssl_options())
             self._ws.settimeout(None)
             while not self._closing:
                 text = self._ws.recv()
@@ -344,7 +364,9 @@ class ConnectOptions:
     """How to negotiate; the legacy_* settings reproduce the old client for side-by-side benchmarks."""
 
     trickle: bool = True
-    # None: candidates ride in the offer when gathering cannot stall (no STUN/TURN servers).
+    # None/True: host candidates ride in the offer (server-reflexive and relay ones follow as
+    # found, so a slow STUN/TURN server never delays it); False: the offer carries none and every
+    # candidate follows in actions (the old client's way, kept for benchmarks).
     candidates_in_offer: bool | None = None
     timeout_s: float = 15.0
     legacy_ws_ready_wait: bool = False
@@ -365,6 +387,9 @@ class Session:
     listener: StreamListener
     trickle: bool
     candidate_actions: int = 0
+    candidate_worker: concurrent.futures.ThreadPoolExecutor = field(
+        default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pam-candidates"),
+        repr=False)
     _closed: bool = field(default=False, repr=False)
 
     def close(self, notify: bool = True) -> None:
@@ -381,6 +406,7 @@ class Session:
             except PamError as exc:
                 log.debug("close action failed: %s", exc.message)
         self.listener.close()
+        self.candidate_worker.shutdown(wait=False, cancel_futures=True)
         try:
             self.loop.run(self.peer.close(), timeout=5)
         except Exception as exc:
@@ -411,7 +437,7 @@ def new_conversation_id() -> str:
 def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str | None, resource: str,
                  session: protocol.SessionRequest, *, ice_servers: Sequence[Any],
                  host_addresses: Sequence[str], timing: Any = None,
-                 options: ConnectOptions | None = None,
+                 options: ConnectOptions | None = None, ice_transport_policy: str = "all",
                  on_peer: Callable[[ClientPeer], None] | None = None,
                  on_candidate_action: Callable[[dict[str, Any], CandidateSender], None] | None = None) -> Session:
     """Negotiate a peer with `gateway` for `resource`; returns once the control channel is open.
@@ -437,7 +463,8 @@ def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str | None
     listener = StreamListener(router, conversation_id, lambda event: _on_stream_event(loop, holder, event, phase))
     listener.start()
     try:
-        peer = _run(loop, ClientPeer.create(ice_servers, host_addresses, terminal=session.mode == "terminal"),
+        peer = _run(loop, ClientPeer.create(ice_servers, host_addresses, terminal=session.mode == "terminal",
+                                            ice_transport_policy=ice_transport_policy),
                     deadline, phase, resource, options)
     except BaseException:
         listener.close()
@@ -462,9 +489,7 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
                on_candidate_action: Callable[[dict[str, Any], CandidateSender], None] | None) -> None:
     loop, router, peer, trickle = result.loop, result.router, result.peer, result.trickle
     conversation_id, resource = result.conversation_id, result.resource
-    in_offer = True if not trickle else options.candidates_in_offer
-    if in_offer is None:
-        in_offer = not peer.ice_servers  # host-only gathering takes ~1 ms and cannot stall
+    in_offer = not trickle or options.candidates_in_offer is not False
     sdp = _run(loop, peer.make_offer(gather_first=in_offer), deadline, phase, resource, options)
     if not in_offer:
         sdp, _, _ = protocol.split_sdp_candidates(sdp)
@@ -477,14 +502,23 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
         router.action(result.gateway, "icecandidate", conversation_id, data, trickle)
 
     sender = CandidateSender(send_candidates, batch=not options.legacy_per_candidate)
+    # Candidates found on the loop go to ONE worker thread, in order (an end-of-candidates must
+    # never overtake a candidate), so the loop never blocks on HTTP. Before the offer is
+    # acknowledged they are buffered.
+    worker = result.candidate_worker
+
+    def late(candidate: dict[str, Any] | None) -> None:
+        worker.submit(sender.add, [] if candidate is None else [candidate], candidate is None)
+
     if not in_offer:
-        # Gathering finishes on the loop; hand its candidates to a worker thread so the
-        # loop never blocks on HTTP. Before the offer is acknowledged they are buffered.
         def gathered(future: Any) -> None:
             if not future.cancelled() and future.exception() is None:
-                loop.loop.run_in_executor(None, sender.add, future.result(), True)
+                worker.submit(sender.add, future.result(), not peer.late_expected)
+                loop.submit(peer.watch_late_candidates(late))
 
         loop.submit(peer.local_candidates()).add_done_callback(gathered)
+    else:
+        loop.submit(peer.watch_late_candidates(late))
 
     if options.legacy_ws_ready_wait:
         result.listener.ready.wait(max(0.0, deadline - time.monotonic()))
@@ -519,9 +553,23 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
     try:
         _run(loop, peer.wait_ready(), deadline, phase, resource, options)
     except PeerLost as exc:
-        raise PamError(f"could not connect to {resource}: {exc or 'the gateway closed the session'}") from None
+        reason = str(exc) or "the gateway closed the session"
+        hint = ice_hint(peer, resource) if "ICE" in reason or "failed" in reason else ""
+        raise PamError(f"could not connect to {resource}: {reason}{hint}") from None
     result.candidate_actions = sender.actions
     phase.done("data_channel_open", "nothing")
+
+
+def ice_hint(peer: ClientPeer, resource: str) -> str:
+    """What a failed connect tried and where to look next (ICE server URLs only, never credentials)."""
+    urls = []
+    for server in peer.ice_servers:
+        listed = getattr(server, "urls", server)
+        urls.extend(listed if isinstance(listed, list) else [listed])
+    hosts = ", ".join(peer.host_addresses) or "none"
+    servers = ", ".join(str(u).split("?")[0] for u in urls) or "none"
+    return (f" (tried: policy {peer.ice_transport_policy}, host addresses {hosts}, ICE servers {servers}); "
+            f"across NAT configure ice_servers (STUN, or TURN for symmetric NAT); run: pam tunnel diagnose {resource}")
 
 
 def _send_offer(result: Session, offer: dict[str, Any], timeout: Callable[[], float]) -> dict[str, Any]:

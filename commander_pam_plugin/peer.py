@@ -29,10 +29,12 @@ class PeerLost(Exception):
 class ClientPeer:
     """One RTCPeerConnection to a gateway (create it on the loop with `await ClientPeer.create()`)."""
 
-    def __init__(self, ice_servers: Sequence[Any], host_addresses: Sequence[str], terminal: bool) -> None:
+    def __init__(self, ice_servers: Sequence[Any], host_addresses: Sequence[str], terminal: bool,
+                 ice_transport_policy: str = "all") -> None:
         self.host_addresses = tuple(host_addresses)
         self.ice_servers = tuple(ice_servers)
-        self.pc = rtc.new_peer_connection(ice_servers)
+        self.ice_transport_policy = ice_transport_policy
+        self.pc = rtc.new_peer_connection(ice_servers, ice_transport_policy)
         self.control = self.pc.createDataChannel("control", negotiated=True, id=protocol.CONTROL_CHANNEL_ID)
         self.terminal: RTCDataChannel | None = None
         if terminal:
@@ -50,6 +52,7 @@ class ClientPeer:
         self._early_candidates: list[dict[str, Any]] = []
         self._early_end = False
         self._gathering: asyncio.Task[None] | None = None
+        self.late_expected = False  # server-reflexive/relay candidates follow the offer
         self._next_stream_id = protocol.FIRST_STREAM_ID
         self._streams: dict[int, RTCDataChannel] = {}
         self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
@@ -61,20 +64,27 @@ class ClientPeer:
 
     @classmethod
     async def create(cls, ice_servers: Sequence[Any], host_addresses: Sequence[str],
-                     terminal: bool = False) -> "ClientPeer":
-        return cls(ice_servers, host_addresses, terminal)
+                     terminal: bool = False, ice_transport_policy: str = "all") -> "ClientPeer":
+        return cls(ice_servers, host_addresses, terminal, ice_transport_policy)
 
     # --- offer / answer / candidates ------------------------------------------------------
 
     async def make_offer(self, gather_first: bool) -> str:
-        """The offer SDP. gather_first: wait for gathering so candidates ride in the offer;
-        otherwise return at once and gather in the background (candidates via local_candidates())."""
+        """The offer SDP. gather_first: host candidates ride in the offer (gathering them takes ~1 ms;
+        server-reflexive and relay ones follow through watch_late_candidates, and the offer then
+        has no end-of-candidates); otherwise return at once and gather in the background
+        (candidates via local_candidates())."""
         offer = await self.pc.createOffer()
         if gather_first:
-            await rtc.set_local_description(self.pc, offer, self.host_addresses)
-            return self.pc.localDescription.sdp
-        self._gathering = asyncio.ensure_future(rtc.set_local_description(self.pc, offer, self.host_addresses))
+            await self._describe(offer)
+            return rtc.local_description_sdp(self.pc)
+        self._gathering = asyncio.ensure_future(self._describe(offer))
         return offer.sdp
+
+    async def _describe(self, offer: RTCSessionDescription) -> None:
+        await rtc.set_local_description(self.pc, offer, self.host_addresses)
+        # Read with no await in between: whether the candidates sent now are all there will be.
+        self.late_expected = rtc.gathering_late(self.pc)
 
     async def local_candidates(self) -> list[dict[str, Any]]:
         """Every local candidate, once gathering has finished (wire shape)."""
@@ -82,6 +92,15 @@ class ClientPeer:
             await self._gathering
         _, candidates, _ = protocol.split_sdp_candidates(self.pc.localDescription.sdp)
         return candidates
+
+    async def watch_late_candidates(self, callback: Callable[[dict[str, Any] | None], None]) -> None:
+        """callback(wire candidate) for each server-reflexive/relay candidate found after the offer,
+        then callback(None); never called when gathering had ended with the offer (its
+        candidates and end-of-candidates went out then)."""
+        if self._gathering is not None:
+            await self._gathering
+        if self.late_expected:
+            rtc.watch_late_candidates(self.pc, callback)
 
     async def apply_answer(self, sdp: str) -> None:
         protocol.validate_sdp(sdp, "answer")

@@ -124,6 +124,17 @@ def _resources(ctx: Any, args: argparse.Namespace) -> int:
     return commands.resources(ctx, args)
 
 
+def _configure_tunnel_diagnose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("resource", metavar="RESOURCE", help="resource name, as 'pam resources' lists it")
+    _configure_json(parser)
+
+
+def _tunnel_diagnose(ctx: Any, args: argparse.Namespace) -> int:
+    _check_policy(ctx, args.resource, "pam tunnel diagnose")  # it opens a trial connection
+    from . import commands
+    return commands.tunnel_diagnose(ctx, args)
+
+
 @hookimpl
 def commander_register_commands(registry: Any) -> None:
     registry.add("pam launch", _launch, _configure_launch,
@@ -132,6 +143,8 @@ def commander_register_commands(registry: Any) -> None:
                  help="forward a local TCP port to a resource")
     registry.add("pam tunnel list", _tunnel_list, _configure_json, help="list open tunnels")
     registry.add("pam tunnel stop", _tunnel_stop, _configure_tunnel_stop, help="stop one tunnel or all of them")
+    registry.add("pam tunnel diagnose", _tunnel_diagnose, _configure_tunnel_diagnose,
+                 help="check router, token, gateway, ICE servers and a trial connection; say what to fix")
     registry.add("pam resources", _resources, _configure_json, help="list the resources you may connect to")
     alias = getattr(registry, "alias", None)  # hosts without aliases still get every command
     if alias is not None:  # Keeper Commander's spellings: pam l, pam t s|l|x

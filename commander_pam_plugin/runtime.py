@@ -55,7 +55,8 @@ class PamRuntime:
                     url, token = self._start_embedded()
                 if not token:
                     raise PamError("no token configured for the router: set PAM_TOKEN or 'token' in the config file")
-                self._router = RouterClient(url, token)
+                self._router = RouterClient(url, token, ca_file=self.config.ca_file,
+                                            insecure_http=self.config.insecure_http)
             return self._router
 
     def _start_embedded(self) -> tuple[str, str]:
@@ -86,7 +87,7 @@ class PamRuntime:
             chosen = hook.pam_ice_host_addresses(addresses=addresses)
             if chosen is not None:
                 try:
-                    return check_host_addresses(chosen)
+                    return check_host_addresses(chosen, allow_empty=self.config.ice_transport_policy == "relay")
                 except ValueError as exc:
                     raise PamError(f"pam_ice_host_addresses hook: {exc}") from None
         return tuple(addresses)
@@ -107,7 +108,8 @@ class PamRuntime:
         options = options or ConnectOptions(trickle=trickle, timeout_s=self.config.connect_timeout_s)
         return open_session(self.loop, self.router(), ref.gateway, ref.name, session,
                             ice_servers=self.ice_servers(), host_addresses=self.host_addresses(hook),
-                            timing=timing, options=options, on_peer=on_peer)
+                            timing=timing, options=options, on_peer=on_peer,
+                            ice_transport_policy=self.config.ice_transport_policy)
 
     def start_tunnel(self, hook: Any, ref: ResourceRef, host: str, port: int, *, trickle: bool,
                      timing: Any = None, on_lost: Callable[[Tunnel], None] | None = None,

@@ -35,10 +35,10 @@ def test_default_location_under_home(tmp_path):
     path = write(tmp_path / ".config" / "commander-pam" / "config.toml",
                  f'router_url = "http://127.0.0.1:8470/"\ntoken = "{TOKEN}"\n'
                  'host_addresses = ["127.0.0.2", "127.0.0.1"]\nconnect_timeout_s = 30\n'
-                 'ice_servers = ["turn:127.0.0.1:3478"]\n')
+                 'ice_servers = ["stun:127.0.0.1:3478"]\n')
     config = load_config({"HOME": str(tmp_path)})
     assert config == PamConfig(router_url="http://127.0.0.1:8470", token=TOKEN,
-                               ice_servers=["turn:127.0.0.1:3478"], host_addresses=("127.0.0.2", "127.0.0.1"),
+                               ice_servers=["stun:127.0.0.1:3478"], host_addresses=("127.0.0.2", "127.0.0.1"),
                                connect_timeout_s=30.0, path=str(path))
 
 

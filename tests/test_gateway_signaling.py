@@ -413,8 +413,8 @@ def test_the_agent_reconnects_when_the_router_comes_back():
 
 
 def test_a_slow_offer_does_not_hold_up_other_actions(echo):
-    """A STUN server that never answers stalls the gateway's gathering (aioice waits 5 s);
-    meanwhile other actions are served and the trickle 'accepted' reply is not held back."""
+    """A STUN server that never answers: the trickle 'accepted' reply and other actions are served
+    at once, and the answer does not wait for it either (late candidates follow as events)."""
     resources = [{"name": "echo", "kind": "tcp", "host": "127.0.0.1", "port": echo.port}]
     with EmbeddedGateway(make_config(resources, ice_servers=[f"stun:127.0.0.1:{free_port()}"])) as gw:
         async def main():
@@ -437,7 +437,7 @@ def test_a_slow_offer_does_not_hold_up_other_actions(echo):
                 assert status == 200
                 order.append("pong")
                 answer = await waiter
-                assert order == ["pong", "answer"]
+                assert sorted(order) == ["answer", "pong"]
                 await peer.accept(answer["sdp"])
                 await peer.connected()
                 await c.action(gw.gateway_name, cid, "close")

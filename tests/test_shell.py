@@ -78,7 +78,7 @@ def test_empty_allow_list_leaves_only_host_commands(capsys, monkeypatch):
 def test_group_prints_its_sub_commands(capsys):
     status, out, err = run(capsys, "pam", "tunnel")
     assert (status, err) == (0, "")
-    assert [line.split()[0] for line in out.splitlines()[1:]] == ["list", "start", "stop"]
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["diagnose", "list", "start", "stop"]
     assert run(capsys, "pam", "tunnel", "--help")[1] == out
 
 

@@ -123,8 +123,14 @@ class GatewayAgent:
     async def _serve_link(self, http: aiohttp.ClientSession) -> bool:
         """One connection: hello, welcome, then actions until it drops. True if welcomed."""
         headers = {"Authorization": f"Bearer {self.settings.token}"}
+        ssl_context: Any = None
+        if self.router_url.startswith("https://"):  # wss: verify the router (router_ca_file, else system CAs)
+            from .tls import client_context
+
+            ssl_context = client_context(self.settings.router_ca_file)
         async with http.ws_connect(f"{self.router_url}/api/v1/gateway/connect", headers=headers,
-                                   heartbeat=HEARTBEAT_S, max_msg_size=MAX_WS_MESSAGE_BYTES) as ws:
+                                   heartbeat=HEARTBEAT_S, max_msg_size=MAX_WS_MESSAGE_BYTES,
+                                   ssl=ssl_context if ssl_context is not None else True) as ws:
             await ws.send_json(self.hello())
             message = await asyncio.wait_for(ws.receive(), WELCOME_TIMEOUT_S)
             if message.type != aiohttp.WSMsgType.TEXT or _message_type(message.data) != "welcome":

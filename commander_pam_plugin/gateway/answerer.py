@@ -72,7 +72,8 @@ class AnswerSession:
         self.streams: dict[int, TcpStream] = {}
         self.ssh: SshTerminal | None = None
         recorder = self._recorder()  # first: a session that must be recorded never runs unrecorded
-        self.pc = rtc.new_peer_connection(rtc.ice_servers_from_config(settings.ice_servers))
+        self.pc = rtc.new_peer_connection(rtc.ice_servers_from_config(settings.ice_servers),
+                                          settings.ice_transport_policy)
         self.pc.on("connectionstatechange", self._on_connection_state)
         self._control = self.pc.createDataChannel("control", negotiated=True, id=CONTROL_CHANNEL_ID)
         self._control.on("message", self._on_control)
@@ -131,10 +132,19 @@ class AnswerSession:
         self._ice_timer = asyncio.get_running_loop().call_later(self.settings.ice_timeout, self._ice_timed_out)
 
     async def create_answer(self) -> str:
-        """The answer SDP, with every local candidate (host addresses from config) inside."""
+        """The answer SDP with the host candidates inside; server-reflexive and relay candidates
+        follow as 'candidates' events when found, so a slow STUN/TURN server never delays it."""
         answer = await self.pc.createAnswer()
         await rtc.set_local_description(self.pc, answer, self.settings.host_addresses)
-        return self.pc.localDescription.sdp
+        sdp = rtc.local_description_sdp(self.pc)
+        if rtc.gathering_late(self.pc):
+            rtc.watch_late_candidates(self.pc, self._trickle_local)
+        return sdp
+
+    def _trickle_local(self, candidate: dict[str, Any] | None) -> None:
+        if not self._closing:
+            self._emit({"type": "candidates", "candidates": [] if candidate is None else [candidate],
+                        "end_of_candidates": candidate is None})
 
     async def add_candidates(self, batch: CandidateBatch, via: str) -> int:
         """Apply (or queue, before the offer) a batch or single candidate; returns how many will be

@@ -97,6 +97,8 @@ class RouterSettings:
     reply_timeout: float = DEFAULT_REPLY_TIMEOUT_S
     conversation_timeout: float = DEFAULT_CONVERSATION_TIMEOUT_S
     max_conversations_per_user: int = MAX_CONVERSATIONS_PER_USER
+    tls_cert: Path | None = None  # with tls_key: serve HTTPS/WSS (gateway/tls.py)
+    tls_key: Path | None = None
 
     @property
     def url(self) -> str:
@@ -123,6 +125,8 @@ class GatewaySettings:
     capabilities: tuple[str, ...] | None = None  # None: what the version implies
     host_addresses: tuple[str, ...] = rtc.DEFAULT_HOST_ADDRESSES
     ice_servers: tuple[Any, ...] = ()
+    ice_transport_policy: str = "all"  # "relay": only TURN-relayed candidates leave the gateway
+    router_ca_file: Path | None = None  # CA bundle that signs the router's certificate (wss://)
     recordings_dir: Path = Path("recordings")
     ice_timeout: float = DEFAULT_ICE_TIMEOUT_S
     resources: tuple[Resource, ...] = ()
@@ -132,7 +136,8 @@ class GatewaySettings:
         return next((r for r in self.resources if r.name == name), None)
 
     def secrets(self) -> tuple[str, ...]:
-        return (self.token,) + tuple(s for r in self.resources for s in r.secrets())
+        turn = tuple(e["credential"] for e in self.ice_servers if isinstance(e, dict) and e.get("credential"))
+        return (self.token,) + turn + tuple(s for r in self.resources for s in r.secrets())
 
     def redact(self, text: str) -> str:
         """Belt and braces for text that leaves the gateway: no credential survives it."""
@@ -258,7 +263,10 @@ def _users(root: _Reader) -> tuple[User, ...]:
 def _router(root: _Reader, gateway: GatewaySettings | None) -> RouterSettings:
     reader = root.table_at("router") or _Reader(root.source, {}, "router.", root.base)
     reader.reject_unknown({"listen", "rate_limit", "rate_burst", "reply_timeout", "conversation_timeout",
-                           "max_conversations_per_user"})
+                           "max_conversations_per_user", "tls_cert", "tls_key"})
+    tls_cert, tls_key = _existing_file(reader, "tls_cert"), _existing_file(reader, "tls_key")
+    if (tls_cert is None) != (tls_key is None):
+        raise reader.error("tls_cert" if tls_cert is None else "tls_key", "tls_cert and tls_key go together")
     host, port = _listen(reader)
     # The process's own [gateway] is given its own [[resources]]: no other gateway may serve them.
     gateways = [GatewayIdentity(gateway.name, gateway.token, tuple(r.name for r in gateway.resources))] \
@@ -282,7 +290,7 @@ def _router(root: _Reader, gateway: GatewaySettings | None) -> RouterSettings:
                           reader.number("rate_limit", DEFAULT_RATE, 0.1, 100_000), burst,
                           reader.number("reply_timeout", DEFAULT_REPLY_TIMEOUT_S, 0.05, 600),
                           reader.number("conversation_timeout", DEFAULT_CONVERSATION_TIMEOUT_S, 0.1, 86_400),
-                          per_user)
+                          per_user, tls_cert=tls_cert, tls_key=tls_key)
 
 
 def _served(item: _Reader) -> tuple[str, ...] | None:
@@ -368,6 +376,13 @@ def _resource(reader: _Reader) -> Resource:
     return resource
 
 
+def _existing_file(reader: _Reader, key: str) -> Path | None:
+    path = reader.path(key)
+    if path is not None and not path.is_file():
+        raise reader.error(key, f"no such file: {path}")
+    return path
+
+
 def _gateway(root: _Reader) -> GatewaySettings | None:
     reader = root.table_at("gateway")
     if reader is None:
@@ -375,7 +390,12 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
             raise root.error("resources", "resources need a [gateway] table")
         return None
     reader.reject_unknown({"name", "token", "router_url", "legacy", "capabilities", "host_addresses",
-                           "ice_servers", "recordings_dir", "ice_timeout", "limits"})
+                           "ice_servers", "recordings_dir", "ice_timeout", "limits", "ice_transport_policy",
+                           "router_ca_file"})
+    try:
+        policy = rtc.check_policy(reader.get("ice_transport_policy", str, "all"))
+    except ValueError as exc:
+        raise reader.error("ice_transport_policy", str(exc)) from None
     router_url = reader.get("router_url", str)
     if router_url is not None and not router_url.startswith(("http://", "https://")):
         raise reader.error("router_url", "must start with http:// or https://")
@@ -387,14 +407,15 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
                                                f"{', '.join(ALL_CAPABILITIES)}")
         capabilities = tuple(capabilities)
     try:
-        addresses = rtc.check_host_addresses(reader.get("host_addresses", list, list(rtc.DEFAULT_HOST_ADDRESSES)))
+        addresses = rtc.check_host_addresses(reader.get("host_addresses", list, list(rtc.DEFAULT_HOST_ADDRESSES)),
+                                             allow_empty=policy == "relay")
     except ValueError as exc:
         raise reader.error("host_addresses", str(exc)) from None
     ice_servers = tuple(reader.get("ice_servers", list, []))
     try:
         rtc.ice_servers_from_config(ice_servers)
-    except ValueError:
-        raise reader.error("ice_servers", "each entry must be a URL or {urls, username, credential}") from None
+    except ValueError as exc:
+        raise reader.error("ice_servers", str(exc)) from None
     resources: list[Resource] = []
     for item in root.tables("resources"):
         resource = _resource(item)
@@ -403,7 +424,8 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
         resources.append(resource)
     return GatewaySettings(name=reader.name("name"), token=reader.token("token"), router_url=router_url,
                            legacy=reader.get("legacy", bool, False), capabilities=capabilities,
-                           host_addresses=addresses, ice_servers=ice_servers,
+                           host_addresses=addresses, ice_servers=ice_servers, ice_transport_policy=policy,
+                           router_ca_file=_existing_file(reader, "router_ca_file"),
                            recordings_dir=reader.path("recordings_dir", "recordings"),
                            ice_timeout=reader.number("ice_timeout", DEFAULT_ICE_TIMEOUT_S, 0.1, 600),
                            resources=tuple(resources), limits=limits_from_table(reader.table_at("limits")))

@@ -214,11 +214,17 @@ class Router:
             sock.close()
             raise OSError(exc.errno, f"cannot listen on {host}:{port} ({exc.strerror})") from None
         self._runner = JsonErrorRunner(self.app, shutdown_timeout=2.0, max_line_size=MAX_HEADER_BYTES,
-                               max_field_size=MAX_HEADER_BYTES)
+                                       max_field_size=MAX_HEADER_BYTES)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        ssl_context = None
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            from .tls import server_context  # HTTPS/WSS from the [router] tls_cert / tls_key
+
+            ssl_context = server_context(self.settings.tls_cert, self.settings.tls_key)
+        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
         bound = sock.getsockname()[1]
-        self.url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+        scheme = "https" if ssl_context is not None else "http"
+        self.url = f"{scheme}://{f'[{host}]' if ':' in host else host}:{bound}"
         self._sweeper = asyncio.ensure_future(self._sweep())
         log.info("router listening on %s", self.url)
         for identity in self.settings.gateways:
