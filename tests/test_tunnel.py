@@ -112,8 +112,9 @@ def test_half_close_reaches_the_target_and_comes_back(gateway: EmbeddedGateway, 
     point_client_at(monkeypatch, gateway, tmp_path=tmp_path)
     with ShellSession() as session:
         port = json.loads(session.run("pam tunnel start echo --json")[1])["port"]
-        # echo_roundtrip half-closes and reads until the target's own EOF comes back through the tunnel
-        assert echo_roundtrip(port, b"half-close please") == b"half-close please"
+        # echo_roundtrip half-closes and reads until the target's own EOF comes back through the
+        # tunnel; if our EOF never reaches the target, the echo never ends and this fails in 20 s.
+        assert echo_roundtrip(port, b"half-close please", timeout=20) == b"half-close please"
 
 
 def test_pre_1_7_gateway_still_opens_a_tunnel(echo: EchoServer, tmp_path: Path,
