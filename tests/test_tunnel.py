@@ -172,6 +172,7 @@ def test_separate_candidates_go_in_one_batch_and_a_late_one_is_not_lost(gateway:
 
     late = {"candidate": "candidate:late 1 udp 2130706431 127.0.0.9 9 typ host", "sdpMid": "0", "sdpMLineIndex": 0}
     injected = threading.Event()
+    blocked: list[threading.Thread] = []
 
     def inject_during_first_batch(data: dict, sender) -> None:
         # Model a gatherer that is still running when the batch leaves: the batch carries no
@@ -182,6 +183,8 @@ def test_separate_candidates_go_in_one_batch_and_a_late_one_is_not_lost(gateway:
             adder = threading.Thread(target=sender.add, args=([late], True))
             adder.start()
             adder.join(5)  # it was buffered, not sent: the batch is still in flight
+            if adder.is_alive():
+                blocked.append(adder)  # asserted below: this callback's caller may swallow errors
 
     loop = BackgroundLoop()
     router = RouterClient(gateway.router_url, gateway.user_token("alice"))
@@ -195,6 +198,7 @@ def test_separate_candidates_go_in_one_batch_and_a_late_one_is_not_lost(gateway:
         while late["candidate"] not in [c["candidate"] for c in gateway.agent.applied_candidates[conversation]]:
             assert time.monotonic() < deadline, "the late candidate never reached the gateway"
             time.sleep(0.01)
+        assert not blocked, "adding a candidate while the batch was in flight blocked"
         counts = gateway.router.conversation_stats[conversation]
         assert counts["icecandidate"] == 2  # the batch of eight, then the late one alone
     finally:
