@@ -50,6 +50,9 @@ def test_connect_reports_every_profile_with_legacy_and_floor_ratios(tmp_path: Pa
 
 def test_throughput_compares_tunnel_and_direct_with_checked_transfers(tmp_path: Path) -> None:
     result = _run("throughput.py", tmp_path, "--mib", "2", "--runs", "1", "--connections", "1,2")
+    meta = result["meta"]  # the machine it ran on: CPU model and load average, never overwritten
+    assert meta["cpu"] and not meta["cpu"].startswith("CPU ms per MB") and "cpu_note" in meta
+    assert len(meta["loadavg_1_5_15"]) == 3
     assert set(result["connections"]) == {"1", "2"}
     for entry in result["connections"].values():
         for direction in ("upload", "download"):

@@ -101,6 +101,7 @@ def test_pre_batch_gateway_gets_one_action_per_candidate() -> None:
     sender.add([_candidate(1), _candidate(2)], end=True)
     sender.go_live()
     assert sent == [{"candidate": _candidate(1)}, {"candidate": _candidate(2)}, {"candidate": None}]
+    assert sender.actions == 3  # each one is an action (the count the benchmarks report)
 
 
 def test_oversized_buffer_is_split_at_the_protocol_limit() -> None:
@@ -112,3 +113,14 @@ def test_oversized_buffer_is_split_at_the_protocol_limit() -> None:
     sender.go_live()
     assert [len(d["candidates"]) for d in sent] == [MAX_CANDIDATES_PER_BATCH, 3]
     assert [d["end_of_candidates"] for d in sent] == [False, True]
+
+
+def test_a_buffer_of_exactly_one_full_batch_keeps_its_end_marker() -> None:
+    from commander_pam_plugin.protocol import MAX_CANDIDATES_PER_BATCH
+
+    sent: list[dict] = []
+    sender = CandidateSender(sent.append, batch=True)
+    sender.add([_candidate(i % 250) for i in range(MAX_CANDIDATES_PER_BATCH)], end=True)
+    sender.go_live()
+    assert [(len(d["candidates"]), d["end_of_candidates"]) for d in sent] == [(MAX_CANDIDATES_PER_BATCH, True)]
+    assert sender.actions == 1
