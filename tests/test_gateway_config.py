@@ -114,6 +114,29 @@ def test_a_config_with_tokens_loads_with_owner_only_bits(tmp_path, mode):
     assert [u.name for u in load_config(path).router.users] == ["alice"]
 
 
+@pytest.mark.parametrize("secret", [
+    '[[users]]\nname = "alice"\ntoken = "t"\n',
+    '[[gateways]]\nname = "gw"\ntoken = "t"\n',
+    '[gateway]\nname = "gw"\ntoken = "t"\n',
+    '[[resources]]\nname = "s"\npassword = "p"\n',
+    '[[resources]]\nname = "s"\nprivate_key = "-----BEGIN OPENSSH PRIVATE KEY-----"\n',
+], ids=["user token", "gateway token in [[gateways]]", "[gateway] token", "ssh password", "inline private key"])
+def test_each_kind_of_secret_alone_makes_the_file_private(tmp_path, secret):
+    """The privacy check runs before validation, so each secret is tried alone in a minimal file."""
+    path = write_toml(tmp_path / "gw.toml", secret)
+    path.chmod(0o640)
+    with pytest.raises(ConfigError, match="run: chmod 600"):
+        load_config(path)
+
+
+def test_a_key_file_path_is_not_itself_a_secret_in_the_config(tmp_path):
+    path = write_toml(tmp_path / "gw.toml", '[[resources]]\nname = "s"\nprivate_key = "/etc/keys/s"\n')
+    path.chmod(0o644)
+    with pytest.raises(ConfigError) as error:  # refused later, for what it is, not for its mode
+        load_config(path)
+    assert "chmod 600" not in str(error.value)
+
+
 def test_a_config_without_secrets_may_be_shared(tmp_path):
     path = write_toml(tmp_path / "gw.toml", '[router]\nlisten = "127.0.0.1:0"\n')
     path.chmod(0o644)
