@@ -67,7 +67,7 @@ def test_named_file_must_exist(tmp_path):
     ("connect_timeout_s = 0\n", ("connect_timeout_s", "must be a number of seconds")),
     ("connect_timeout_s = true\n", ("connect_timeout_s", "must be a number of seconds")),
     ("ice_servers = [{ username = 'u' }]\n", ("ice_servers", "each entry must be")),
-    ("routerurl = 'http://127.0.0.1'\n", ("routerurl", "unknown key")),
+    ("routerurl = 'http://127.0.0.1'\n", ("routerurl", "unknown key (known: router_url, token, ice_servers,")),
     ("router_url = \n", ("not valid TOML",)),
     ("token = ''\n", ("token", "non-empty string")),
 ])
@@ -95,6 +95,11 @@ def test_file_with_a_secret_must_be_private(tmp_path, bit):
     turn = write(tmp_path / "turn.toml",
                  'ice_servers = [{ urls = "turn:127.0.0.1", username = "u", credential = "pw" }]\n', mode)
     fails({"PAM_CONFIG": str(turn)}, "chmod 600")
+
+
+def test_a_server_url_that_merely_says_credential_is_no_secret(tmp_path):
+    shared = write(tmp_path / "shared.toml", 'ice_servers = ["stun:credential.example.org:3478"]\n', 0o644)
+    assert load_config({"PAM_CONFIG": str(shared)}).ice_servers
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o400, 0o700])

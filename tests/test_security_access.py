@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -48,13 +49,19 @@ def test_tokens_are_compared_in_constant_time(mocker):
             for presented in [*tokens, "not-anyones-token-at-all", tokens[0][:-1] + "x"]:
                 compare.reset_mock()
                 async with RouterClient(url, presented) as client:
-                    status, _ = await client.get("/api/v1/resources")
+                    status, payload, headers = await client.request("GET", "/api/v1/resources")
                 seen[presented] = (status, _compared_tokens(compare, known))
+                if status == 401:
+                    refusals.append((payload, {k.lower(): v for k, v in headers.items()}))
         finally:
             await router.stop()
         return router, seen
 
+    refusals: list[tuple[dict, dict]] = []
     router, seen = run(main())
+    assert len(refusals) == 2
+    for payload, headers in refusals:  # a refusal says what and how to authenticate (header names are case-free)
+        assert payload["error"]["message"] == "invalid token" and headers["www-authenticate"] == "Bearer"
     for position, token in enumerate(tokens):
         status, compared = seen[token]
         assert status == 200, f"user {position}'s own token was refused"
@@ -67,7 +74,7 @@ def test_tokens_are_compared_in_constant_time(mocker):
         assert router._user(request) == user["name"]
 
 
-def test_gateway_tokens_are_compared_in_constant_time(mocker):
+def test_gateway_tokens_are_compared_in_constant_time(mocker, caplog):
     """The gateway link's token check, too: every known gateway token, right or wrong presented."""
     data = make_config()
     config = config_from_dict(data)
@@ -82,20 +89,26 @@ def test_gateway_tokens_are_compared_in_constant_time(mocker):
         seen = {}
         try:
             async with aiohttp.ClientSession() as http:
-                for presented in [*tokens, "not-a-gateway-token-at-all"]:
+                for presented in [*tokens, "not-a-gateway-token-at-all", None]:
                     compare.reset_mock()
-                    async with http.ws_connect(url + "/api/v1/gateway/connect",
-                                               headers={"Authorization": f"Bearer {presented}"}) as ws:
+                    headers = {"Authorization": f"Bearer {presented}"} if presented else {}
+                    async with http.ws_connect(url + "/api/v1/gateway/connect", headers=headers) as ws:
                         if presented not in tokens:
-                            await ws.receive()  # the refusal closes it
+                            closing = await ws.receive()  # the refusal closes it, saying why
+                            closes.append((ws.close_code, closing.extra))
                     seen[presented] = _compared_tokens(compare, known)
         finally:
             await router.stop()
         return seen
 
-    seen = run(main())
-    for position, presented in enumerate([*tokens, "not-a-gateway-token-at-all"]):
+    closes: list[tuple[int | None, str]] = []
+    with caplog.at_level(logging.WARNING, logger="commander_pam_plugin.gateway.router"):
+        seen = run(main())
+    for position, presented in enumerate([*tokens, "not-a-gateway-token-at-all", None]):
         assert sorted(seen[presented]) == sorted(known), f"gateway token in position {position}"
+    assert closes == [(router_module.CLOSE_BAD_CREDENTIALS, "bad gateway token")] * 2  # wrong, then none
+    refused = [r.getMessage() for r in caplog.records if "refused a gateway connection" in r.getMessage()]
+    assert refused == ["router: refused a gateway connection from 127.0.0.1 (bad token)"] * 2
 
 
 def test_a_reply_held_across_a_router_restart_never_answers_another_users_request():
