@@ -143,6 +143,17 @@ def test_a_config_without_secrets_may_be_shared(tmp_path):
     assert load_config(path).router.port == 0
 
 
+def test_a_duplicate_user_and_a_shared_token_say_which_rule(tmp_path):
+    twice = make_config()
+    twice["users"].append({"name": "alice", "token": new_token()})
+    with pytest.raises(ConfigError, match=r"^site\.toml: users\[3\]\.name: user 'alice' is listed twice$"):
+        config_from_dict(twice, "site.toml")
+    shared = make_config()
+    shared["users"].append({"name": "mallory", "token": shared["users"][0]["token"]})
+    with pytest.raises(ConfigError, match=r"^site\.toml: users: two users share one token$"):
+        config_from_dict(shared, "site.toml")
+
+
 def test_unparsable_toml_names_the_file(tmp_path):
     path = write_toml(tmp_path / "broken.toml", "[router\nlisten = 1")
     with pytest.raises(ConfigError, match=r"broken\.toml: not valid TOML"):
