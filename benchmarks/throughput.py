@@ -86,7 +86,7 @@ def report(figures: dict[str, Any], cpu: dict[str, Any], args: argparse.Namespac
         "meta": {**_stack.machine(), "mib_total": args.mib, "runs": args.runs, "elapsed_s": round(elapsed, 1),
                  "gateway_loop": _gateway_loop(),
                  "unit": "MB/s = 10^6 bytes/s, aggregate over the connections; median of runs",
-                 "cpu": "CPU ms per MB moved through the tunnel, client process and gateway agent process; "
+                 "cpu_note": "CPU ms per MB moved through the tunnel, client process and gateway agent process; "
                         "cpu_bound_mbps = 1000 / the larger: the rate with one core each and nothing else",
                  "note": "client, gateway, target and load generator share the machine's cores"},
         "connections": {}, "targets": {}}

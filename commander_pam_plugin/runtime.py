@@ -6,6 +6,7 @@ every peer, listener and thread the plugin started ends with the shell.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -119,7 +120,10 @@ class PamRuntime:
         try:
             self.loop.run(tunnel.bind(), timeout=10)
         except OSError as exc:
-            raise PamError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            # asyncio's own text repeats the address ("error while attempting to bind on address
+            # ('127.0.0.1', 8000): address already in use"): say it once, with the system's words.
+            reason = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+            raise PamError(f"cannot listen on {host}:{port}: {reason}") from None
         if timing is not None:
             timing.checkpoint("local_listener_bound")
         try:

@@ -461,13 +461,17 @@ def _prompt_loop(ctx: CommandContext, registry: CommandRegistry) -> int:
         save_history()
 
 
+class Terminated(SystemExit):
+    """SIGTERM: unwinds like exit(128 + SIGTERM), and the shell says why it ended."""
+
+
 def _install_sigterm() -> Callable[[], None]:
     """SIGTERM unwinds like an exit, so plugins still get commander_shutdown."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def on_sigterm(signum: int, frame: Any) -> NoReturn:
-        raise SystemExit(128 + signum)
+        raise Terminated(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     return lambda: signal.signal(signal.SIGTERM, previous)
@@ -525,6 +529,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PamError as err:
         print(f"error: {err.message}", file=stderr)
         status = err.status
+    except Terminated as exit_:
+        print("terminated (SIGTERM); closing", file=stderr)
+        status = _exit_status(exit_.code, stderr)
     except SystemExit as exit_:
         status = _exit_status(exit_.code, stderr)
     except KeyboardInterrupt:

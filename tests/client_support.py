@@ -66,22 +66,64 @@ def payload(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def echo_roundtrip(port: int, data: bytes, chunk: int = 65536) -> bytes:
-    """Send `data` through 127.0.0.1:port while reading the echo, half-close, read to EOF."""
+class EchoTimeout(AssertionError):
+    """The echo did not come back to EOF in time: the test fails (never a short read passed off as done)."""
+
+
+def echo_roundtrip(port: int, data: bytes, chunk: int = 65536, timeout: float = 60.0) -> bytes:
+    """Send `data` through 127.0.0.1:port while reading the echo, half-close, read to EOF.
+
+    Fails (EchoTimeout) if the far side's EOF does not arrive within `timeout`; a reader error
+    (a reset) is raised here. The socket is closed only after its reader thread has ended, so
+    no thread ever reads a closed descriptor ("Bad file descriptor").
+    """
     received = bytearray()
-    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        def reader() -> None:
+    failure: list[BaseException] = []
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+
+    def reader() -> None:
+        try:
             while block := sock.recv(chunk):
                 received.extend(block)
+        except BaseException as exc:  # handed to the test thread below, never swallowed
+            failure.append(exc)
 
-        thread = threading.Thread(target=reader)
-        thread.start()
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    stuck = False
+    try:
         view = memoryview(data)
         for start in range(0, len(view), chunk):
             sock.sendall(view[start:start + chunk])
         sock.shutdown(socket.SHUT_WR)
-        thread.join(60)
+    except socket.timeout:
+        _wake(sock)
+        raise EchoTimeout(f"127.0.0.1:{port} took nothing for {timeout} s") from None
+    except OSError:
+        _wake(sock)  # the tunnel ended this connection: let the reader finish before we raise
+        raise
+    finally:
+        thread.join(timeout)
+        if thread.is_alive():
+            stuck = True
+            _wake(sock)
+            thread.join(timeout)
+        if not thread.is_alive():
+            sock.close()
+    if stuck or (failure and isinstance(failure[0], socket.timeout)):
+        raise EchoTimeout(f"no EOF from 127.0.0.1:{port} within {timeout} s "
+                          f"({len(received)} of {len(data)} bytes back)")
+    if failure:
+        raise failure[0]
     return bytes(received)
+
+
+def _wake(sock: socket.socket) -> None:
+    """Unblock a thread in recv() on `sock` without closing the descriptor under it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def sha256(data: bytes) -> str:

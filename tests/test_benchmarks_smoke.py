@@ -19,8 +19,12 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict[str, Any]:
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args, "--json", str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "MISS" in result.stdout or "met" in result.stdout, result.stdout
-    return json.loads(out.read_text())
+    written = json.loads(out.read_text())
+    # The printed verdicts are the JSON's: each target once, with the state the JSON holds.
+    assert written["targets"], "no target was evaluated"
+    for name, met in written["targets"].items():
+        assert f"  {'met ' if met else 'MISS'} {name}\n" in result.stdout, (name, met, result.stdout)
+    return written
 
 
 def _keys(tree: Any) -> set[str]:
@@ -46,6 +50,9 @@ def test_connect_reports_every_profile_with_legacy_and_floor_ratios(tmp_path: Pa
 
 def test_throughput_compares_tunnel_and_direct_with_checked_transfers(tmp_path: Path) -> None:
     result = _run("throughput.py", tmp_path, "--mib", "2", "--runs", "1", "--connections", "1,2")
+    meta = result["meta"]  # the machine it ran on: CPU model and load average, never overwritten
+    assert meta["cpu"] and not meta["cpu"].startswith("CPU ms per MB") and "cpu_note" in meta
+    assert len(meta["loadavg_1_5_15"]) == 3
     assert set(result["connections"]) == {"1", "2"}
     for entry in result["connections"].values():
         for direction in ("upload", "download"):

@@ -67,7 +67,7 @@ def test_named_file_must_exist(tmp_path):
     ("connect_timeout_s = 0\n", ("connect_timeout_s", "must be a number of seconds")),
     ("connect_timeout_s = true\n", ("connect_timeout_s", "must be a number of seconds")),
     ("ice_servers = [{ username = 'u' }]\n", ("ice_servers", "each entry must be")),
-    ("routerurl = 'http://127.0.0.1'\n", ("routerurl", "unknown key")),
+    ("routerurl = 'http://127.0.0.1'\n", ("routerurl", "unknown key (known: router_url, token, ice_servers,")),
     ("router_url = \n", ("not valid TOML",)),
     ("token = ''\n", ("token", "non-empty string")),
 ])
@@ -83,8 +83,12 @@ def test_bad_environment_values_name_the_variable(tmp_path):
           "environment: PAM_ROUTER_URL", "http://")
 
 
-@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620])
-def test_file_with_a_secret_must_be_private(tmp_path, mode):
+GROUP_AND_OTHER_BITS = [0o040, 0o020, 0o010, 0o004, 0o002, 0o001]  # every bit the 0600 rule forbids
+
+
+@pytest.mark.parametrize("bit", GROUP_AND_OTHER_BITS, ids=lambda bit: f"{0o600 | bit:04o}")
+def test_file_with_a_secret_must_be_private(tmp_path, bit):
+    mode = 0o600 | bit
     path = write(tmp_path / "pam.toml", f'token = "{TOKEN}"\n', mode)
     message = fails({"PAM_CONFIG": str(path)}, f"chmod 600 {path}")
     assert TOKEN not in message
@@ -93,8 +97,14 @@ def test_file_with_a_secret_must_be_private(tmp_path, mode):
     fails({"PAM_CONFIG": str(turn)}, "chmod 600")
 
 
-def test_private_or_secret_free_files_are_accepted(tmp_path):
-    private = write(tmp_path / "private.toml", f'token = "{TOKEN}"\n', 0o600)
+def test_a_server_url_that_merely_says_credential_is_no_secret(tmp_path):
+    shared = write(tmp_path / "shared.toml", 'ice_servers = ["stun:credential.example.org:3478"]\n', 0o644)
+    assert load_config({"PAM_CONFIG": str(shared)}).ice_servers
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o700])
+def test_private_or_secret_free_files_are_accepted(tmp_path, mode):
+    private = write(tmp_path / "private.toml", f'token = "{TOKEN}"\n', mode)  # owner bits are the owner's business
     assert load_config({"PAM_CONFIG": str(private)}).token == TOKEN
     shared = write(tmp_path / "shared.toml", 'router_url = "http://127.0.0.1:8470"\n', 0o644)
     assert load_config({"PAM_CONFIG": str(shared)}).router_url == "http://127.0.0.1:8470"

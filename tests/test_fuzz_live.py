@@ -1,6 +1,6 @@
 """A bounded fuzz run against a live router and gateway while an honest tunnel keeps moving data.
 
-The same function runs at full size (2,000+ requests and messages) in benchmarks/reliability.py.
+The same function runs at full size (2,000+ requests and messages) in benchmarks/reliability/.
 """
 from __future__ import annotations
 

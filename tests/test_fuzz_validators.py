@@ -3,7 +3,7 @@
 Each validator must either accept a value (and then what it returns obeys the protocol's
 limits) or refuse it with ProtocolError: a 4xx status and one short line that never echoes
 the input. Anything else (TypeError, RecursionError, UnicodeEncodeError...) would be a 500 at
-the router or a dead handler at the gateway. benchmarks/reliability.py imports the strategies
+the router or a dead handler at the gateway. benchmarks/reliability/ imports the strategies
 below to build the requests and messages of its fuzz run.
 """
 from __future__ import annotations

@@ -81,6 +81,8 @@ def test_a_good_config_loads_and_its_repr_hides_secrets(tmp_path):
     (lambda d: d["router"].update(rate_limit=0), "router.rate_limit"),
     (lambda d: d.update(resourcs=[]), "resourcs"),
     (lambda d: d["users"].append(dict(d["users"][0])), "users[3].name"),
+    # a new name with alice's token: only the token is shared, so only the token rule can refuse it
+    (lambda d: d["users"].append({"name": "mallory", "token": d["users"][0]["token"]}), "users"),
 ])
 def test_config_mistakes_are_one_line_naming_the_key(change, key):
     data = make_config()
@@ -91,6 +93,65 @@ def test_config_mistakes_are_one_line_naming_the_key(change, key):
     assert message.startswith(f"site.toml: {key}: ") and "\n" not in message
     for user in data["users"]:
         assert user["token"] not in message
+
+
+GROUP_AND_OTHER_BITS = [0o040, 0o020, 0o010, 0o004, 0o002, 0o001]  # every bit the 0600 rule forbids
+
+
+@pytest.mark.parametrize("bit", GROUP_AND_OTHER_BITS, ids=lambda bit: f"{0o600 | bit:04o}")
+def test_a_config_with_tokens_is_refused_for_any_group_or_other_bit(tmp_path, bit):
+    path = write_toml(tmp_path / "gw.toml", GOOD)
+    path.chmod(0o600 | bit)
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert f"run: chmod 600 {path}" in str(error.value) and f"mode {0o600 | bit:04o}" in str(error.value)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o700])
+def test_a_config_with_tokens_loads_with_owner_only_bits(tmp_path, mode):
+    path = write_toml(tmp_path / "gw.toml", GOOD)
+    path.chmod(mode)
+    assert [u.name for u in load_config(path).router.users] == ["alice"]
+
+
+@pytest.mark.parametrize("secret", [
+    '[[users]]\nname = "alice"\ntoken = "t"\n',
+    '[[gateways]]\nname = "gw"\ntoken = "t"\n',
+    '[gateway]\nname = "gw"\ntoken = "t"\n',
+    '[[resources]]\nname = "s"\npassword = "p"\n',
+    '[[resources]]\nname = "s"\nprivate_key = "-----BEGIN OPENSSH PRIVATE KEY-----"\n',
+], ids=["user token", "gateway token in [[gateways]]", "[gateway] token", "ssh password", "inline private key"])
+def test_each_kind_of_secret_alone_makes_the_file_private(tmp_path, secret):
+    """The privacy check runs before validation, so each secret is tried alone in a minimal file."""
+    path = write_toml(tmp_path / "gw.toml", secret)
+    path.chmod(0o640)
+    with pytest.raises(ConfigError, match="run: chmod 600"):
+        load_config(path)
+
+
+def test_a_key_file_path_is_not_itself_a_secret_in_the_config(tmp_path):
+    path = write_toml(tmp_path / "gw.toml", '[[resources]]\nname = "s"\nprivate_key = "/etc/keys/s"\n')
+    path.chmod(0o644)
+    with pytest.raises(ConfigError) as error:  # refused later, for what it is, not for its mode
+        load_config(path)
+    assert "chmod 600" not in str(error.value)
+
+
+def test_a_config_without_secrets_may_be_shared(tmp_path):
+    path = write_toml(tmp_path / "gw.toml", '[router]\nlisten = "127.0.0.1:0"\n')
+    path.chmod(0o644)
+    assert load_config(path).router.port == 0
+
+
+def test_a_duplicate_user_and_a_shared_token_say_which_rule(tmp_path):
+    twice = make_config()
+    twice["users"].append({"name": "alice", "token": new_token()})
+    with pytest.raises(ConfigError, match=r"^site\.toml: users\[3\]\.name: user 'alice' is listed twice$"):
+        config_from_dict(twice, "site.toml")
+    shared = make_config()
+    shared["users"].append({"name": "mallory", "token": shared["users"][0]["token"]})
+    with pytest.raises(ConfigError, match=r"^site\.toml: users: two users share one token$"):
+        config_from_dict(shared, "site.toml")
 
 
 def test_unparsable_toml_names_the_file(tmp_path):

@@ -11,18 +11,24 @@ from pathlib import Path
 import pytest
 
 from commander_pam_plugin.gateway.embedded import EmbeddedGateway
-from gateway_support import EchoServer, make_config
+from gateway_support import EchoServer, free_port, make_config
 
 ROOT = Path(__file__).parent.parent
 SHELL = [sys.executable, "-m", "commander_pam_plugin.shell"]
 TIMING_LINE = "pam-tunnel:webrtc-tunnel | "
 
 
+REFUSED_LINE = "connection refused: "  # the tunnel's one INFO record (tunnel.py), logged per refused connection
+# A local client of the tunnel that reads to EOF: the tunnel logs the refusal before it closes us.
+READ_TO_EOF = f"{sys.executable} {ROOT / 'tests' / 'tools' / 'read_to_eof.py'} {{port}}"
+
+
 @pytest.fixture(scope="module")
 def gateway():
     with EchoServer() as echo:
-        with EmbeddedGateway(make_config([{"name": "echo", "kind": "tcp", "host": "127.0.0.1",
-                                           "port": echo.port}])) as gw:
+        with EmbeddedGateway(make_config([{"name": "echo", "kind": "tcp", "host": "127.0.0.1", "port": echo.port},
+                                          {"name": "closed", "kind": "tcp", "host": "127.0.0.1",
+                                           "port": free_port()}])) as gw:
             yield gw
 
 
@@ -41,8 +47,19 @@ def test_debug_file_with_connect_timing_gets_the_lines_and_no_info_records(gatew
     text = log_file.read_text()
     assert TIMING_LINE in text and "pam-tunnel:total | ready | " in text
     assert " - DEBUG - commander_pam_plugin.timing - " in text
-    assert " - INFO - " not in text  # the host's filter keeps INFO out of the file
     assert TIMING_LINE not in result.stdout + result.stderr  # the console stays at INFO
+
+
+def test_debug_file_leaves_out_the_info_record_the_console_shows(gateway, tmp_path: Path) -> None:
+    """A tunnel to a refusing target logs one INFO record: on the console, never in the debug file."""
+    log_file = tmp_path / "debug.log"
+    result = _run(gateway, tmp_path, "-c", f"debug --file={log_file}", "-c",
+                  f"pam tunnel start closed --run '{READ_TO_EOF}'")
+    assert result.returncode == 0, result.stderr
+    assert REFUSED_LINE in result.stdout + result.stderr  # the command really logged it, at INFO
+    text = log_file.read_text()
+    assert " - DEBUG - " in text  # the file did receive this run's records
+    assert REFUSED_LINE not in text and " - INFO - " not in text  # the host's filter keeps INFO out
 
 
 def test_no_timing_line_without_the_variable_or_debug(gateway, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 targets refusing or resetting, a connect phase that stalls. Real processes throughout.
 
 The issue's time bounds (5 s to notice a dead gateway, 10 s to free a dead client's peer) are
-measured by benchmarks/reliability.py, not asserted here: these tests wait generously and check
+measured by benchmarks/reliability/, not asserted here: these tests wait generously and check
 what happened.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Load and leaks: many sessions at once, many open/close cycles (full sizes in benchmarks/reliability.py)."""
+"""Load and leaks: many sessions at once, many open/close cycles (full sizes in benchmarks/reliability/)."""
 from __future__ import annotations
 
 import sys

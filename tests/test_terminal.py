@@ -98,6 +98,7 @@ class LocalShellRemote:
     def join(self) -> None:
         assert self._thread is not None
         self._thread.join(TIMEOUT)
+        assert not self._thread.is_alive(), f"remote thread still running after {TIMEOUT} s"
 
     def send(self, data: bytes) -> None:
         with self._write_lock:

@@ -75,6 +75,7 @@ def test_checkpoints_from_many_threads_keep_a_consistent_timeline():
         t.start()
     for t in threads:
         t.join(10)
+        assert not t.is_alive(), "a checkpointing thread hung"
     events = total.events
     assert len(events) == 8 * 300
     totals = [e.total_ms for e in events]

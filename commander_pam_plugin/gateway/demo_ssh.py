@@ -8,6 +8,7 @@ and window changes behave as they would on a real host.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import getpass
 import hmac
@@ -15,6 +16,7 @@ import os
 import pty
 import pwd
 import secrets
+import signal
 import struct
 import termios
 from typing import Sequence
@@ -99,14 +101,20 @@ class DemoSSHServer:
 
     async def _run(self, process: asyncssh.SSHServerProcess) -> None:
         argv, env, home = self._argv_env(process)
+        status = 127
         try:
             status = await (_run_pty(process, argv, env, home) if process.term_type
                             else _run_pipes(process, argv, env, home))
-        except OSError as exc:
-            process.stderr.write(f"cannot start {argv[0]}: {exc.strerror}\r\n".encode())
-            status = 127
-        process.exit(status)
-        await process.wait_closed()  # runs asyncssh's cleanup of the redirected pipes
+        except OSError as exc:  # the shell did not start, or the client went away mid-write
+            if not process.is_closing():
+                process.stderr.write(f"cannot start {argv[0]}: {exc.strerror}\r\n".encode())
+        finally:
+            # Also when the connection dropped: exit() is then a no-op, and wait_closed() runs
+            # asyncssh's cleanup of the redirected pipes (else "coroutine 'Event.wait' was never
+            # awaited"). Bounded: a loop torn down under a live session must not hang on it.
+            process.exit(status)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(process.wait_closed(), OUTPUT_GRACE_S)
 
 
 async def _copy(source: asyncio.StreamReader, sink: asyncssh.SSHWriter) -> None:
@@ -123,7 +131,8 @@ class _PtyOutput(asyncio.Protocol):
         self._sink, self._done = sink, done
 
     def data_received(self, data: bytes) -> None:
-        self._sink.write(data)
+        if not self._sink.channel.is_closing():  # output after the client left goes nowhere
+            self._sink.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._done.done():
@@ -134,9 +143,14 @@ async def _run_pipes(process: asyncssh.SSHServerProcess, argv: list[str], env: d
     child = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                                                  env=env, cwd=home)
-    await process.redirect(stdin=child.stdin)
-    await asyncio.gather(_copy(child.stdout, process.stdout), _copy(child.stderr, process.stderr))
-    return _status(await child.wait())
+    try:
+        await process.redirect(stdin=child.stdin)
+        await asyncio.gather(_copy(child.stdout, process.stdout), _copy(child.stderr, process.stderr))
+        return _status(await child.wait())
+    finally:
+        if child.returncode is None:  # the client went away before the command ended: end it too
+            child.kill()
+            await child.wait()
 
 
 async def _run_pty(process: asyncssh.SSHServerProcess, argv: list[str], env: dict[str, str], home: str) -> int:
@@ -158,15 +172,36 @@ async def _run_pty(process: asyncssh.SSHServerProcess, argv: list[str], env: dic
     transport, _ = await loop.connect_read_pipe(lambda: _PtyOutput(process.stdout, drained),
                                                 os.fdopen(os.dup(master), "rb", buffering=0))
     # asyncssh applies later window changes to a tty it writes to.
-    await process.redirect(stdin=os.fdopen(master, "wb", buffering=0), recv_eof=False)
-    code = await child.wait()
+    tty_input = os.fdopen(master, "wb", buffering=0)
     try:
-        # A background job still holding the PTY open must not stall the exit status.
-        await asyncio.wait_for(drained, OUTPUT_GRACE_S)
-    except asyncio.TimeoutError:
-        pass
-    transport.close()
+        await process.redirect(stdin=tty_input, recv_eof=False)
+        code = await _wait_child_or_hangup(process, child)
+        try:
+            # A background job still holding the PTY open must not stall the exit status.
+            await asyncio.wait_for(drained, OUTPUT_GRACE_S)
+        except asyncio.TimeoutError:
+            pass
+    finally:
+        transport.close()
+        if process.is_closing():
+            tty_input.close()  # asyncssh closes it on a normal end, not when the connection drops
     return _status(code)
+
+
+async def _wait_child_or_hangup(process: asyncssh.SSHServerProcess, child: asyncio.subprocess.Process) -> int:
+    """The child's exit code; if the client goes away first, hang the child up as sshd would."""
+    exited = asyncio.ensure_future(child.wait())
+    closed = asyncio.ensure_future(process.channel.wait_closed())
+    await asyncio.wait({exited, closed}, return_when=asyncio.FIRST_COMPLETED)
+    closed.cancel()
+    if not exited.done():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGHUP)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), OUTPUT_GRACE_S)
+        except asyncio.TimeoutError:
+            child.kill()
+    return await exited
 
 
 def _status(code: int) -> int:
