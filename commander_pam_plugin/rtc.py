@@ -23,6 +23,8 @@ import aioice.stun
 import aiortc.rtcicetransport
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
+from . import sctp_tuning
+
 DEFAULT_HOST_ADDRESSES = ("127.0.0.1",)
 
 _host_addresses: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
@@ -127,6 +129,7 @@ def install() -> None:
     aioice.ice.CONSENT_FAILURES = CONSENT_FAILURES
     if aiortc.rtcicetransport.Connection is aioice.ice.Connection:
         aiortc.rtcicetransport.Connection = PamConnection  # what RTCIceGatherer builds
+    sctp_tuning.install()  # leaner SCTP/DTLS per packet; PAM_SCTP_TUNING=0 builds the stock ones
 
 
 def check_host_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
