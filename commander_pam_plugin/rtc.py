@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import ipaddress
 import logging
-import random
 import time
 from typing import Any, Iterable, Sequence
 
@@ -23,7 +22,7 @@ import aioice.stun
 import aiortc.rtcicetransport
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-from . import sctp_tuning
+from . import idle_consent, sctp_tuning
 
 DEFAULT_HOST_ADDRESSES = ("127.0.0.1",)
 
@@ -103,7 +102,9 @@ class PamConnection(aioice.ice.Connection):
         assert self.remote_password is not None
         failures = 0
         while True:
-            await asyncio.sleep(CONSENT_INTERVAL_S * (0.8 + 0.4 * random.random()))
+            await asyncio.sleep(idle_consent.tick_s(CONSENT_INTERVAL_S, failures, self))
+            if not idle_consent.check_due(self, failures):  # idle sessions: rarely (idle_consent.py)
+                continue
             for pair in self._nominated.values():
                 request = self.build_request(pair, nominate=False)
                 try:
@@ -111,6 +112,7 @@ class PamConnection(aioice.ice.Connection):
                                                 integrity_key=self.remote_password.encode("utf8"),
                                                 retransmissions=0)
                     failures = 0
+                    idle_consent.answered(self)
                 except aioice.stun.TransactionError:
                     recently_heard = time.monotonic() - self._last_data < CONSENT_INTERVAL_S * 1.5
                     failures = 0 if recently_heard else failures + 1

@@ -324,6 +324,7 @@ class TunedDtlsTransport(RTCDtlsTransport):
 
     async def _pam_send_record(self, data: bytes) -> None:
         connection = self._transport._connection
+        connection._pam_last_sent = time.monotonic()  # for idle_consent: is our traffic answered?
         pair = connection._nominated.get(1)
         transport = getattr(pair.protocol, "transport", None) if pair is not None else None
         if transport is None or transport.is_closing():

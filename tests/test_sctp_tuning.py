@@ -6,13 +6,14 @@ import asyncio
 import hashlib
 import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
 import pytest
 from aiortc import RTCDtlsTransport, RTCSctpTransport
 
-from commander_pam_plugin import rtc, sctp_tuning
+from commander_pam_plugin import idle_consent, rtc, sctp_tuning
 from commander_pam_plugin.gateway.embedded import EmbeddedGateway
 from gateway_support import EchoServer, make_config
 
@@ -188,3 +189,35 @@ def test_32_mib_each_way_through_a_real_tunnel(tuning: str, echo: EchoServer, tm
                                 env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "received 33554432 sha256 match" in result.stdout
+
+
+def _consent_connection(tuning: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(sctp_tuning.ENV, tuning)
+    connection = rtc.PamConnection(ice_controlling=True)
+    connection._pam_last_check = time.monotonic()  # a check was just answered
+    connection._pam_last_answer = time.monotonic()
+    return connection
+
+
+def test_an_idle_session_checks_consent_every_two_seconds_not_every_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    connection = _consent_connection("1", monkeypatch)
+    assert not idle_consent.check_due(connection, 0)
+    assert idle_consent.tick_s(rtc.CONSENT_INTERVAL_S, 0, connection) >= 0.8 * idle_consent.IDLE_CHECK_S - 0.01
+    connection._pam_last_check -= idle_consent.IDLE_CHECK_S
+    assert idle_consent.check_due(connection, 0)
+
+
+def test_a_missed_check_or_unanswered_traffic_makes_the_next_check_due_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    connection = _consent_connection("1", monkeypatch)
+    assert idle_consent.check_due(connection, 1)  # confirming a miss
+    assert idle_consent.tick_s(rtc.CONSENT_INTERVAL_S, 1, connection) <= 1.2 * idle_consent.CONFIRM_TICK_S
+    connection = _consent_connection("1", monkeypatch)
+    connection._pam_last_answer -= idle_consent.SUSPECT_AFTER_S  # heard nothing since we sent
+    connection._pam_last_sent = time.monotonic()
+    assert idle_consent.check_due(connection, 0)
+
+
+def test_with_pam_sctp_tuning_0_every_tick_checks_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    connection = _consent_connection("0", monkeypatch)
+    assert idle_consent.check_due(connection, 0)
+    assert idle_consent.tick_s(rtc.CONSENT_INTERVAL_S, 0, connection) <= 1.2 * rtc.CONSENT_INTERVAL_S
