@@ -13,6 +13,7 @@ subclasses here do the same protocol work with less of it (docs/UPSTREAM-AIORTC.
   something may need retransmitting (a SACK with gap blocks or T3 expiry), instead of a walk
   over every outstanding chunk on every SACK;
 - in-order TSN bookkeeping and reassembly in O(1) per chunk;
+- a message's flush runs when the message is sent, not as a new task on the next loop iteration;
 - DTLS: send the record straight to the nominated pair's socket, and read OpenSSL's output
   buffer only when it holds something.
 
@@ -27,6 +28,7 @@ import asyncio
 import functools
 import hashlib
 import inspect
+import logging
 import os
 import time
 from typing import Any
@@ -42,6 +44,8 @@ from aiortc.rtcsctptransport import (SCTP_DATA_LAST_FRAG, SCTP_MAX_PACKET_LENGTH
 from aiortc.utils import uint32_gt
 from google_crc32c import value as crc32c
 from OpenSSL import SSL
+
+logger = logging.getLogger(__name__)
 
 ENV = "PAM_SCTP_TUNING"
 SACK_EVERY_PACKETS = 2  # RFC 9260 6.2: a SACK for at least every second packet
@@ -60,6 +64,8 @@ _KNOWN_SOURCES = {
         "RTCSctpTransport._mark_received": "2ac68b6a3934ca87cf9d9383d4dd764a8fbef83c9d06f9a0435bedde7df46499",
         "RTCSctpTransport._receive_data_chunk": "790c2bb8cd0f5dd735cb051ac669ccc5749a25965fb19a6aeb740fc861563048",
         "RTCSctpTransport._send_chunk": "eb2f909e3c2ff5cc948062e5eeaee54868455940ea62c6c9162145a4550127e6",
+        "RTCSctpTransport._data_channel_send": "bff23b8d60ecb6243e6e6c26883e655caa465eb9ece0ac3e936b5ceadffd7cf2",
+        "RTCSctpTransport._data_channel_flush": "d5f055f33db1abff0846e9553f838c9c0703dafee1790835bbf0021af009f8c2",
         "InboundStream.add_chunk": "de934faf324b1b4bfb9ac0c25e221a5babb436944e33f9972ca8f8cee26ee8b7",
         "InboundStream.pop_messages": "bd29de9aa7c4f8fda274a3f62feb85adb80add14f76ca79ad5b53da5cc10f3e3",
     },
@@ -94,6 +100,49 @@ def supported(part: str) -> bool:
 def enabled() -> bool:
     """The run-time switch: PAM_SCTP_TUNING=0 (or off/false/no) builds the stock transports."""
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def run_now(coro: Any) -> None:
+    """Run a coroutine up to its first real suspension now, the rest as a task.
+
+    aiortc's flush path never suspends while the nominated pair is there (every "await" ends in
+    a synchronous sendto), so this is a plain call that saves a loop iteration. Should it ever
+    suspend, the rest runs as a task, as stock would have run all of it. Failures are logged
+    and kept from the caller, as an unawaited stock task's would be."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return
+    except Exception:
+        logger.debug("data channel flush failed", exc_info=True)
+        return
+    asyncio.ensure_future(_resume(coro, yielded))
+
+
+async def _resume(coro: Any, yielded: Any) -> None:
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+                value = None
+            else:
+                value = await yielded
+        except BaseException as exc:  # hand the outcome of what it waited on back to it
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+            except Exception:
+                logger.debug("data channel flush failed", exc_info=True)
+                return
+            continue
+        try:
+            yielded = coro.send(value)
+        except StopIteration:
+            return
+        except Exception:
+            logger.debug("data channel flush failed", exc_info=True)
+            return
 
 
 def _build_stock(stock: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -218,6 +267,26 @@ class TunedSctpTransport(RTCSctpTransport):
             await self._reset_deferred_streams()
 
     # --- sending -----------------------------------------------------------------------------
+
+    def _data_channel_send(self, channel: Any, data: bytes | str) -> None:
+        """Stock, but the flush runs now instead of as a new task on the next loop iteration:
+        one hop (and one Task) less per message sent."""
+        if data == "":
+            pp_id, user_data = sctp_module.WEBRTC_STRING_EMPTY, b"\x00"
+        elif isinstance(data, str):
+            pp_id, user_data = sctp_module.WEBRTC_STRING, data.encode("utf8")
+        elif data == b"":
+            pp_id, user_data = sctp_module.WEBRTC_BINARY_EMPTY, b"\x00"
+        else:
+            pp_id, user_data = sctp_module.WEBRTC_BINARY, data
+        if self._remote_max_message_size and len(user_data) > self._remote_max_message_size:
+            raise ValueError(
+                f"Cannot send message of {len(user_data)} bytes, the remote party "
+                f"only supports messages up to {self._remote_max_message_size} bytes")
+        channel._addBufferedAmount(len(user_data))
+        self._data_channel_queue.append((channel, pp_id, user_data))
+        run_now(self._data_channel_flush())
+
 
     async def _receive_sack_chunk(self, chunk: SackChunk) -> None:
         if chunk.gaps:  # only gap blocks strike chunks for fast retransmission
