@@ -2,9 +2,10 @@
 
 For each variant, stock (PAM_SCTP_TUNING=0 on the client peers and the gateway agent: ICE
 consent every 0.5 s) and tuned (commander_pam_plugin.idle_consent: a check every 2 s while
-idle), N tunnels are opened through one gateway agent, left idle for --seconds, and the CPU
-time of the client process (this one) and of the gateway agent over that window is reported as
-a percentage of one core. Variants alternate over --rounds; medians. Other work on the cores
+idle), N tunnels are opened (50 per router and gateway agent: the router allows a user 64 open
+conversations), each carries one byte, then all stay idle for --seconds; the CPU time of the
+client process (this one, every tunnel) and of the gateway agents (summed) over that window is
+reported as a percentage of one core. Variants alternate over --rounds; medians. Other work on the cores
 shows in the load average kept in the JSON.
 
     python benchmarks/idle.py [--tunnels 200] [--seconds 20] [--rounds 3] [--json FILE]
@@ -25,39 +26,49 @@ import _stack
 from commander_pam_plugin.negotiation import ConnectOptions
 
 BATCH = 20  # tunnels opened at once
+PER_STACK = 50  # the router allows 64 open conversations per user: 200 tunnels need 4 stacks
 
 
 def one_round(workdir: Path, tuning_value: str, tunnels: int, seconds: float) -> dict[str, float]:
-    with _paths.tuning(tuning_value):
-        stack = _stack.Stack(workdir, [_stack.GatewaySpec(_paths.GATEWAY)], ssh=False).__enter__()
-        runtime = stack.runtime(("127.0.0.1",))
-        opened: list[Any] = []
-        try:
-            for start in range(0, tunnels, BATCH):
-                count = min(BATCH, tunnels - start)
-                results = _stack.in_threads(count, lambda _: _stack.open_tunnel(runtime, "echo", ConnectOptions()))
-                failures = [r for r in results if isinstance(r, Exception)]
-                opened += [r for r in results if not isinstance(r, Exception)]
-                if failures:
-                    raise RuntimeError(f"{len(failures)} tunnels did not open: {failures[0]}")
-            for tunnel in opened:  # each tunnel's peer has carried a byte: a session in use, now idle
-                _stack.first_echo(tunnel.port).close()
-            time.sleep(3.0)  # let set-up work settle before the window
-            agent = stack.agents[_paths.GATEWAY]
-            before = (_stack.process_cpu_seconds(os.getpid()), agent.cpu_seconds(), time.monotonic())
-            time.sleep(seconds)
-            after = (_stack.process_cpu_seconds(os.getpid()), agent.cpu_seconds(), time.monotonic())
-            wall = after[2] - before[2]
-            return {"client_core_pct": 100 * (after[0] - before[0]) / wall,
-                    "gateway_core_pct": 100 * (after[1] - before[1]) / wall,
-                    "tunnels_up": sum(1 for t in opened if t.state == "up")}
-        finally:
-            for tunnel in opened:
-                try:
-                    _stack.close_tunnel(runtime, tunnel)
-                except Exception:
-                    pass
+    stacks: list[Any] = []
+    runtimes: list[Any] = []
+    opened: list[tuple[Any, Any]] = []
+    try:
+        with _paths.tuning(tuning_value):
+            for index in range(0, tunnels, PER_STACK):
+                stack_dir = workdir / f"stack-{index // PER_STACK}"
+                stack_dir.mkdir()
+                stack = _stack.Stack(stack_dir, [_stack.GatewaySpec(_paths.GATEWAY)], ssh=False).__enter__()
+                stacks.append(stack)
+                runtime = stack.runtime(("127.0.0.1",))
+                runtimes.append(runtime)
+                for start in range(index, min(tunnels, index + PER_STACK), BATCH):
+                    count = min(BATCH, tunnels - start, index + PER_STACK - start)
+                    results = _stack.in_threads(count, lambda _: _stack.open_tunnel(runtime, "echo", ConnectOptions()))
+                    failures = [r for r in results if isinstance(r, Exception)]
+                    opened += [(runtime, r) for r in results if not isinstance(r, Exception)]
+                    if failures:
+                        raise RuntimeError(f"{len(failures)} tunnels did not open: {failures[0]}")
+        for _, tunnel in opened:  # each tunnel's peer has carried a byte: a session in use, now idle
+            _stack.first_echo(tunnel.port).close()
+        time.sleep(3.0)  # let set-up work settle before the window
+        agents = [stack.agents[_paths.GATEWAY] for stack in stacks]
+        before = (_stack.process_cpu_seconds(os.getpid()), sum(a.cpu_seconds() for a in agents), time.monotonic())
+        time.sleep(seconds)
+        after = (_stack.process_cpu_seconds(os.getpid()), sum(a.cpu_seconds() for a in agents), time.monotonic())
+        wall = after[2] - before[2]
+        return {"client_core_pct": 100 * (after[0] - before[0]) / wall,
+                "gateway_core_pct": 100 * (after[1] - before[1]) / wall,
+                "tunnels_up": sum(1 for _, t in opened if t.state == "up")}
+    finally:
+        for runtime, tunnel in opened:
+            try:
+                _stack.close_tunnel(runtime, tunnel)
+            except Exception:
+                pass
+        for runtime in runtimes:
             runtime.shutdown()
+        for stack in stacks:
             stack.close()
 
 
