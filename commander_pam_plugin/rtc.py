@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import ipaddress
 import logging
-import random
 import socket
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -27,6 +26,8 @@ import aiortc.rtcicetransport
 from aiortc import (RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection,
                     RTCSessionDescription)
 from aiortc.rtcicetransport import candidate_from_aioice
+
+from . import idle_consent, sctp_tuning
 
 DEFAULT_HOST_ADDRESSES = ("127.0.0.1",)
 
@@ -221,7 +222,9 @@ class PamConnection(aioice.ice.Connection):
         assert self.remote_password is not None
         failures = 0
         while True:
-            await asyncio.sleep(CONSENT_INTERVAL_S * (0.8 + 0.4 * random.random()))
+            await asyncio.sleep(idle_consent.tick_s(CONSENT_INTERVAL_S, failures, self))
+            if not idle_consent.check_due(self, failures):  # idle sessions: rarely (idle_consent.py)
+                continue
             for pair in self._nominated.values():
                 request = self.build_request(pair, nominate=False)
                 try:
@@ -229,6 +232,7 @@ class PamConnection(aioice.ice.Connection):
                                                 integrity_key=self.remote_password.encode("utf8"),
                                                 retransmissions=0)
                     failures = 0
+                    idle_consent.answered(self)
                 except aioice.stun.TransactionError:
                     recently_heard = time.monotonic() - self._last_data < CONSENT_INTERVAL_S * 1.5
                     failures = 0 if recently_heard else failures + 1
@@ -268,6 +272,7 @@ def install() -> None:
     aioice.ice.CONSENT_FAILURES = CONSENT_FAILURES
     if aiortc.rtcicetransport.Connection is aioice.ice.Connection:
         aiortc.rtcicetransport.Connection = PamConnection  # what RTCIceGatherer builds
+    sctp_tuning.install()  # leaner SCTP/DTLS per packet; PAM_SCTP_TUNING=0 builds the stock ones
 
 
 def check_host_addresses(addresses: Iterable[str], allow_empty: bool = False) -> tuple[str, ...]:

@@ -1,0 +1,123 @@
+"""CPU that idle pam tunnels cost each side: N tunnels (one peer connection each) open and idle.
+
+For each variant, stock (PAM_SCTP_TUNING=0 on the client peers and the gateway agent: ICE
+consent every 0.5 s) and tuned (commander_pam_plugin.idle_consent: a check every 2 s while
+idle), N tunnels are opened (50 per router and gateway agent: the router allows a user 64 open
+conversations), each carries one byte, then all stay idle for --seconds; the CPU time of the
+client process (this one, every tunnel) and of the gateway agents (summed) over that window is
+reported as a percentage of one core. Variants alternate over --rounds; medians. Other work on the cores
+shows in the load average kept in the JSON.
+
+    python benchmarks/idle.py [--tunnels 200] [--seconds 20] [--rounds 3] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _paths
+import _stack
+from commander_pam_plugin.negotiation import ConnectOptions
+
+BATCH = 20  # tunnels opened at once
+PER_STACK = 50  # the router allows 64 open conversations per user: 200 tunnels need 4 stacks
+
+
+def one_round(workdir: Path, tuning_value: str, tunnels: int, seconds: float) -> dict[str, float]:
+    stacks: list[Any] = []
+    runtimes: list[Any] = []
+    opened: list[tuple[Any, Any]] = []
+    try:
+        with _paths.tuning(tuning_value):
+            for index in range(0, tunnels, PER_STACK):
+                stack_dir = workdir / f"stack-{index // PER_STACK}"
+                stack_dir.mkdir()
+                stack = _stack.Stack(stack_dir, [_stack.GatewaySpec(_paths.GATEWAY)], ssh=False).__enter__()
+                stacks.append(stack)
+                runtime = stack.runtime(("127.0.0.1",))
+                runtimes.append(runtime)
+                for start in range(index, min(tunnels, index + PER_STACK), BATCH):
+                    count = min(BATCH, tunnels - start, index + PER_STACK - start)
+                    results = _stack.in_threads(count, lambda _: _stack.open_tunnel(runtime, "echo", ConnectOptions()))
+                    failures = [r for r in results if isinstance(r, Exception)]
+                    opened += [(runtime, r) for r in results if not isinstance(r, Exception)]
+                    if failures:
+                        raise RuntimeError(f"{len(failures)} tunnels did not open: {failures[0]}")
+        for _, tunnel in opened:  # each tunnel's peer has carried a byte: a session in use, now idle
+            _stack.first_echo(tunnel.port).close()
+        time.sleep(3.0)  # let set-up work settle before the window
+        agents = [stack.agents[_paths.GATEWAY] for stack in stacks]
+        before = (_stack.process_cpu_seconds(os.getpid()), sum(a.cpu_seconds() for a in agents), time.monotonic())
+        time.sleep(seconds)
+        after = (_stack.process_cpu_seconds(os.getpid()), sum(a.cpu_seconds() for a in agents), time.monotonic())
+        wall = after[2] - before[2]
+        return {"client_core_pct": 100 * (after[0] - before[0]) / wall,
+                "gateway_core_pct": 100 * (after[1] - before[1]) / wall,
+                "tunnels_up": sum(1 for _, t in opened if t.state == "up")}
+    finally:
+        for runtime, tunnel in opened:
+            try:
+                _stack.close_tunnel(runtime, tunnel)
+            except Exception:
+                pass
+        for runtime in runtimes:
+            runtime.shutdown()
+        for stack in stacks:
+            stack.close()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    meta_before = _stack.machine()
+    figures: dict[str, list[dict[str, float]]] = {}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pam-idle-") as tmp:
+        for round_index in range(args.rounds):
+            for name, value in (("stock", "0"), ("tuned", "1")):
+                workdir = Path(tmp) / f"{name}-{round_index}"
+                workdir.mkdir()
+                figures.setdefault(name, []).append(one_round(workdir, value, args.tunnels, args.seconds))
+            print(f"round {round_index + 1} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
+    result: dict[str, Any] = {
+        "meta": {**_stack.machine(), "loadavg_before": meta_before["loadavg_1_5_15"], "tunnels": args.tunnels,
+                 "seconds": args.seconds, "rounds": args.rounds, "elapsed_s": round(time.monotonic() - started, 1),
+                 "unit": "percent of one core over the idle window; medians over rounds"},
+        "variants": {}, "targets": {}}
+    for name, samples in figures.items():
+        result["variants"][name] = {key: round(statistics.median(s[key] for s in samples), 2)
+                                    for key in ("client_core_pct", "gateway_core_pct", "tunnels_up")}
+        result["variants"][name]["samples"] = samples
+    tuned = result["variants"]["tuned"]
+    result["targets"][f"{args.tunnels} idle tunnels <= 3% of a core per side"] = \
+        max(tuned["client_core_pct"], tuned["gateway_core_pct"]) <= 3.0
+    return result
+
+
+def print_report(result: dict[str, Any]) -> None:
+    meta = result["meta"]
+    print(f"{meta['tunnels']} idle tunnels, {meta['seconds']} s window, {meta['rounds']} rounds, "
+          f"load {meta['loadavg_before']} -> {meta['loadavg_1_5_15']}")
+    for name, figures in result["variants"].items():
+        print(f"  {name:<6} client {figures['client_core_pct']:5.2f}% of a core   gateway "
+              f"{figures['gateway_core_pct']:5.2f}%   tunnels up {figures['tunnels_up']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tunnels", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args()
+    if args.tunnels < 1 or args.seconds <= 0 or args.rounds < 1:
+        parser.error("--tunnels, --seconds and --rounds must be positive")
+    _stack.emit(run(args), print_report, args.json)
+
+
+if __name__ == "__main__":
+    main()

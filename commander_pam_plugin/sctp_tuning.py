@@ -1,0 +1,428 @@
+"""Guarded overrides of aiortc's SCTP and DTLS transports that cut the per-packet CPU cost.
+
+A bulk transfer through a tunnel spent most of its CPU in aiortc, not in this project: one SACK
+per DATA packet (the receiver built, encrypted and sent it; the sender parsed it and walked its
+whole queue of sent chunks looking for retransmissions), a reassembly scan from the start of the
+message on every fragment, and an exception per received datagram in the DTLS layer. The
+subclasses here do the same protocol work with less of it (docs/UPSTREAM-AIORTC.md):
+
+- delayed SACK (RFC 9260 section 6.2): at least every second packet, within SACK_DELAY_S,
+  at once on a gap, a duplicate or a filled gap (fast retransmit stays as prompt as before),
+  and a pending SACK rides in the next DATA packet when it fits;
+- several chunks per packet up to aiortc's packet size, and a retransmission scan only when
+  something may need retransmitting (a SACK with gap blocks or T3 expiry), instead of a walk
+  over every outstanding chunk on every SACK;
+- in-order TSN bookkeeping and reassembly in O(1) per chunk;
+- a message's flush runs when the message is sent, not as a new task on the next loop iteration;
+- DTLS: send the record straight to the nominated pair's socket, and read OpenSSL's output
+  buffer only when it holds something.
+
+Each class is used only while every aiortc/aioice method it replaces or relies on has the
+source it was written against (sha256, as rtc.py guards its aioice overrides); otherwise, or
+with PAM_SCTP_TUNING=0 in the environment when a peer connection is built, the stock classes
+are built. The choice is made per transport, so a benchmark can run both side by side.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import inspect
+import logging
+import os
+import time
+from typing import Any
+
+import aioice.ice
+import aiortc.rtcdtlstransport as dtls_module
+import aiortc.rtcpeerconnection as pc_module
+import aiortc.rtcsctptransport as sctp_module
+from aiortc.rtcdtlstransport import RTCDtlsTransport, State
+from aiortc.rtcsctptransport import (SCTP_DATA_LAST_FRAG, SCTP_MAX_PACKET_LENGTH, DataChunk, InitChunk,
+                                     RTCSctpTransport, SackChunk, parse_packet,
+                                     tsn_plus_one)
+from aiortc.utils import uint32_gt
+from google_crc32c import value as crc32c
+from OpenSSL import SSL
+
+logger = logging.getLogger(__name__)
+
+ENV = "PAM_SCTP_TUNING"
+SACK_EVERY_PACKETS = 2  # RFC 9260 6.2: a SACK for at least every second packet
+SACK_DELAY_S = 0.05  # RFC 9260 6.2: at most 200 ms; well under SCTP's 1 s minimum RTO
+_PACKET_ROOM = SCTP_MAX_PACKET_LENGTH - 12  # bytes of chunks per packet, after the common header
+
+# What each override was written against: "module.Class.method" -> sha256 of its source.
+_KNOWN_SOURCES = {
+    "sctp": {
+        "RTCSctpTransport.__init__": "294b0e510843850977697fc56059d70ae4f55e28ed88f1d66046e69e648d2c31",
+        "RTCSctpTransport._handle_data": "8661b724e20776bbf9af6f68a828cfb952d2deb617d7a9e0f143d641bdae95e2",
+        "RTCSctpTransport._send_sack": "ac92513522fa60e7f298fd0e5849dd8b9aa9ac969cf840aa653f96c2de690d43",
+        "RTCSctpTransport._transmit": "aa8941d5f8f020e8b4e438e02084533dd78399da498638a013025252e5fe8115",
+        "RTCSctpTransport._receive_sack_chunk": "4b35ccf1372cdec8705f378a04de43d9c4ad5675afae09781eddd69ecdb473b1",
+        "RTCSctpTransport._t3_expired": "0e759bf4b1b2d8c8afa3d656a8f34839c974d0104cb66f895a9a9d266f6499af",
+        "RTCSctpTransport._mark_received": "2ac68b6a3934ca87cf9d9383d4dd764a8fbef83c9d06f9a0435bedde7df46499",
+        "RTCSctpTransport._receive_data_chunk": "790c2bb8cd0f5dd735cb051ac669ccc5749a25965fb19a6aeb740fc861563048",
+        "RTCSctpTransport._send_chunk": "eb2f909e3c2ff5cc948062e5eeaee54868455940ea62c6c9162145a4550127e6",
+        "RTCSctpTransport._data_channel_send": "bff23b8d60ecb6243e6e6c26883e655caa465eb9ece0ac3e936b5ceadffd7cf2",
+        "RTCSctpTransport._data_channel_flush": "d5f055f33db1abff0846e9553f838c9c0703dafee1790835bbf0021af009f8c2",
+        "InboundStream.add_chunk": "de934faf324b1b4bfb9ac0c25e221a5babb436944e33f9972ca8f8cee26ee8b7",
+        "InboundStream.pop_messages": "bd29de9aa7c4f8fda274a3f62feb85adb80add14f76ca79ad5b53da5cc10f3e3",
+    },
+    "dtls": {
+        "RTCDtlsTransport._send_data": "ee6cd411dd7f8eda6da0344f01b98f3c24ae9072cd3ef36d0a0acdd7a618eb47",
+        "RTCDtlsTransport._recv_next": "998076720c05aa13faadff2dfa337f6964c171fa6791789a72693e1480c74102",
+        "RTCDtlsTransport._write_ssl": "6573c0237063bdf0df41ede543428ea6e669020e86b93e8484bbac9c9730a54a",
+        "Connection.sendto": "bf162ec03bdce2cc2b9602cd47a03aa70b15b45383da4d0618090e65179f7e85",
+        "StunProtocol.send_data": "8bfbce074a897482d13dba6bf49ff6f09e48f84327143b801a3a12d2e43de358",
+    },
+}
+_OWNERS = {"RTCSctpTransport": sctp_module.RTCSctpTransport, "InboundStream": sctp_module.InboundStream,
+           "RTCDtlsTransport": dtls_module.RTCDtlsTransport, "Connection": aioice.ice.Connection,
+           "StunProtocol": aioice.ice.StunProtocol}
+
+
+def source_hash(qualified: str) -> str:
+    """sha256 of the stock source of "Class.method" (empty when it cannot be read)."""
+    owner, name = qualified.split(".", 1)
+    try:
+        return hashlib.sha256(inspect.getsource(getattr(_OWNERS[owner], name)).encode()).hexdigest()
+    except (OSError, TypeError, AttributeError):
+        return ""
+
+
+@functools.lru_cache(maxsize=None)
+def supported(part: str) -> bool:
+    """True when every stock method the `part` ("sctp" or "dtls") override depends on is the known one."""
+    return all(source_hash(name) == digest for name, digest in _KNOWN_SOURCES[part].items())
+
+
+def enabled() -> bool:
+    """The run-time switch: PAM_SCTP_TUNING=0 (or off/false/no) builds the stock transports."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def run_now(coro: Any) -> None:
+    """Run a coroutine up to its first real suspension now, the rest as a task.
+
+    aiortc's flush path never suspends while the nominated pair is there (every "await" ends in
+    a synchronous sendto), so this is a plain call that saves a loop iteration. Should it ever
+    suspend, the rest runs as a task, as stock would have run all of it. Failures are logged
+    and kept from the caller, as an unawaited stock task's would be."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration:
+        return
+    except Exception:
+        logger.debug("data channel flush failed", exc_info=True)
+        return
+    asyncio.ensure_future(_resume(coro, yielded))
+
+
+async def _resume(coro: Any, yielded: Any) -> None:
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+                value = None
+            else:
+                value = await yielded
+        except BaseException as exc:  # hand the outcome of what it waited on back to it
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+            except Exception:
+                logger.debug("data channel flush failed", exc_info=True)
+                return
+            continue
+        try:
+            yielded = coro.send(value)
+        except StopIteration:
+            return
+        except Exception:
+            logger.debug("data channel flush failed", exc_info=True)
+            return
+
+
+def _build_stock(stock: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    instance = object.__new__(stock)
+    instance.__init__(*args, **kwargs)
+    return instance
+
+
+class TunedSctpTransport(RTCSctpTransport):
+    """RTCSctpTransport with delayed SACK, bundling and O(1) per-chunk bookkeeping."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if not (enabled() and supported("sctp")):
+            return _build_stock(RTCSctpTransport, args, kwargs)
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pam_sack_packets = 0  # packets with DATA since the last SACK
+        self._pam_sack_timer: asyncio.TimerHandle | None = None
+        self._pam_retransmit_pending = False  # a chunk may be marked for retransmission
+        self.pam_sacks_sent = 0  # for tests and benchmarks
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def _handle_data(self, data: bytes) -> None:
+        """As stock, but the SACK that follows is delayed or bundled where RFC 9260 6.2 allows."""
+        try:
+            _, _, verification_tag, chunks = parse_packet(data)
+        except ValueError:
+            return
+        if any(isinstance(x, InitChunk) for x in chunks):
+            if len(chunks) != 1:
+                return
+            expected_tag = 0
+        else:
+            expected_tag = self._local_verification_tag
+        if verification_tag != expected_tag:
+            return
+
+        had_gap = bool(self._sack_misordered)
+        only_data = True
+        for chunk in chunks:
+            if not isinstance(chunk, DataChunk):
+                only_data = only_data and not isinstance(chunk, sctp_module.ForwardTsnChunk)
+            await self._receive_chunk(chunk)
+        if not self._sack_needed:
+            return
+        self._pam_sack_packets += 1
+        if (not only_data or had_gap or self._sack_misordered or self._sack_duplicates
+                or self._pam_sack_packets >= SACK_EVERY_PACKETS
+                or self._association_state != self.State.ESTABLISHED):
+            await self._send_sack()
+        elif self._pam_sack_timer is None:
+            self._pam_sack_timer = self._loop.call_later(SACK_DELAY_S, self._pam_sack_due)
+
+    def _pam_sack_due(self) -> None:
+        self._pam_sack_timer = None
+        if self._sack_needed:
+            asyncio.ensure_future(self._pam_send_sack_quietly())
+
+    async def _pam_send_sack_quietly(self) -> None:
+        try:
+            await self._send_sack()
+        except ConnectionError:  # the transport closed meanwhile: nothing left to acknowledge
+            pass
+
+    def _pam_sack_sent(self) -> None:
+        self.pam_sacks_sent += 1
+        self._pam_sack_packets = 0
+        if self._pam_sack_timer is not None:
+            self._pam_sack_timer.cancel()
+            self._pam_sack_timer = None
+
+    async def _send_sack(self) -> None:
+        self._pam_sack_sent()
+        await super()._send_sack()
+
+    def _pam_sack_bytes(self) -> bytes:
+        """The pending SACK as a chunk to bundle (stock _send_sack's content); clears what it reports."""
+        gaps: list[list[int]] = []
+        gap_next = None
+        for tsn in sorted(self._sack_misordered):
+            pos = (tsn - self._last_received_tsn) % sctp_module.SCTP_TSN_MODULO
+            if tsn == gap_next:
+                gaps[-1][1] = pos
+            else:
+                gaps.append([pos, pos])
+            gap_next = tsn_plus_one(tsn)
+        sack = SackChunk()
+        sack.cumulative_tsn = self._last_received_tsn
+        sack.advertised_rwnd = max(0, self._advertised_rwnd)
+        sack.duplicates = self._sack_duplicates[:]
+        sack.gaps = [(x[0], x[1]) for x in gaps]
+        return bytes(sack)
+
+    def _mark_received(self, tsn: int) -> bool:
+        """The next TSN in order with nothing misordered: O(1); anything else: stock."""
+        if not self._sack_misordered and tsn == tsn_plus_one(self._last_received_tsn):
+            self._last_received_tsn = tsn
+            if self._sack_duplicates:
+                self._sack_duplicates = [x for x in self._sack_duplicates if uint32_gt(x, tsn)]
+            return False
+        return super()._mark_received(tsn)
+
+    async def _receive_data_chunk(self, chunk: DataChunk) -> None:
+        """As stock, but reassembly is scanned only when this chunk can complete a message:
+        it is a last fragment, or it filled a hole (it did not go to the tail)."""
+        self._sack_needed = True
+        if self._mark_received(chunk.tsn):
+            return
+        inbound_stream = self._get_inbound_stream(chunk.stream_id)
+        reassembly = inbound_stream.reassembly
+        to_tail = not reassembly or uint32_gt(chunk.tsn, reassembly[-1].tsn)
+        inbound_stream.add_chunk(chunk)
+        self._advertised_rwnd -= len(chunk.user_data)
+        if (chunk.flags & SCTP_DATA_LAST_FRAG) or not to_tail:
+            for message in inbound_stream.pop_messages():
+                self._advertised_rwnd += len(message[2])
+                await self._receive(*message)
+        if self._reconfig_deferred is not None:
+            await self._reset_deferred_streams()
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def _data_channel_send(self, channel: Any, data: bytes | str) -> None:
+        """Stock, but the flush runs now instead of as a new task on the next loop iteration:
+        one hop (and one Task) less per message sent."""
+        if data == "":
+            pp_id, user_data = sctp_module.WEBRTC_STRING_EMPTY, b"\x00"
+        elif isinstance(data, str):
+            pp_id, user_data = sctp_module.WEBRTC_STRING, data.encode("utf8")
+        elif data == b"":
+            pp_id, user_data = sctp_module.WEBRTC_BINARY_EMPTY, b"\x00"
+        else:
+            pp_id, user_data = sctp_module.WEBRTC_BINARY, data
+        if self._remote_max_message_size and len(user_data) > self._remote_max_message_size:
+            raise ValueError(
+                f"Cannot send message of {len(user_data)} bytes, the remote party "
+                f"only supports messages up to {self._remote_max_message_size} bytes")
+        channel._addBufferedAmount(len(user_data))
+        self._data_channel_queue.append((channel, pp_id, user_data))
+        run_now(self._data_channel_flush())
+
+
+    async def _receive_sack_chunk(self, chunk: SackChunk) -> None:
+        if chunk.gaps:  # only gap blocks strike chunks for fast retransmission
+            self._pam_retransmit_pending = True
+        await super()._receive_sack_chunk(chunk)
+
+    def _t3_expired(self) -> None:
+        self._pam_retransmit_pending = True
+        super()._t3_expired()
+
+    async def _pam_send_packet(self, chunks: list[bytes]) -> None:
+        """One SCTP packet of serialized chunks, led by the pending SACK when it fits."""
+        body = b"".join(chunks)
+        if self._sack_needed:
+            sack = self._pam_sack_bytes()
+            if len(sack) + len(body) <= _PACKET_ROOM:
+                body = sack + body
+                self._sack_duplicates.clear()
+                self._sack_needed = False
+                self._pam_sack_sent()
+        header = sctp_module.pack("!HHL", self._local_port, self._remote_port, self._remote_verification_tag)
+        checksum = crc32c(header + b"\x00\x00\x00\x00" + body)
+        await self._RTCSctpTransport__transport._send_data(header + sctp_module.pack("<L", checksum) + body)
+
+    async def _transmit(self) -> None:
+        """Stock _transmit, with the retransmission scan skipped when nothing can be marked and
+        consecutive chunks bundled into one packet."""
+        if self._forward_tsn_chunk is not None:
+            await self._send_chunk(self._forward_tsn_chunk)
+            self._forward_tsn_chunk = None
+            if not self._t3_handle:
+                self._t3_start()
+
+        if self._fast_recovery_exit is not None:
+            burst_size = 2 * sctp_module.USERDATA_MAX_LENGTH
+        else:
+            burst_size = 4 * sctp_module.USERDATA_MAX_LENGTH
+        cwnd = min(self._flight_size + burst_size, self._cwnd)
+
+        packet: list[bytes] = []
+        room = _PACKET_ROOM
+
+        async def add(chunk: DataChunk) -> None:
+            nonlocal packet, room
+            data = bytes(chunk)
+            if packet and len(data) > room:
+                await self._pam_send_packet(packet)
+                packet, room = [], _PACKET_ROOM
+            packet.append(data)
+            room -= len(data)
+
+        if self._pam_retransmit_pending:
+            retransmit_earliest = True
+            for chunk in self._sent_queue:
+                if chunk._retransmit:
+                    if self._fast_recovery_transmit:
+                        self._fast_recovery_transmit = False
+                    elif self._flight_size >= cwnd:
+                        if packet:
+                            await self._pam_send_packet(packet)
+                        return
+                    self._flight_size_increase(chunk)
+                    chunk._misses = 0
+                    chunk._retransmit = False
+                    chunk._sent_count += 1
+                    await add(chunk)
+                    if retransmit_earliest:
+                        self._t3_restart()
+                retransmit_earliest = False
+            self._pam_retransmit_pending = False  # every marked chunk went out
+
+        while self._outbound_queue and self._flight_size < cwnd:
+            chunk = self._outbound_queue.popleft()
+            self._sent_queue.append(chunk)
+            self._flight_size_increase(chunk)
+            chunk._sent_count += 1
+            chunk._sent_time = time.time()
+            await add(chunk)
+            if not self._t3_handle:
+                self._t3_start()
+        if packet:
+            await self._pam_send_packet(packet)
+
+
+# How many bytes OpenSSL's memory BIO holds, without reading it (None: always read, as stock).
+_BIO_MEM_DATA = getattr(SSL._lib, "BIO_get_mem_data", None)
+_MEM_DATA_POINTER = SSL._ffi.new("char **")  # out-parameter, written by any caller, never read
+
+
+class TunedDtlsTransport(RTCDtlsTransport):
+    """RTCDtlsTransport that sends records straight to the nominated pair and skips empty reads."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if not (enabled() and supported("dtls")):
+            return _build_stock(RTCDtlsTransport, args, kwargs)
+        return object.__new__(cls)
+
+    def _pam_ssl_output_pending(self) -> bool:
+        """Whether OpenSSL left bytes to send (reading an empty buffer raises, once per datagram)."""
+        bio = getattr(self._ssl, "_from_ssl", None)
+        if bio is None or _BIO_MEM_DATA is None:
+            return True
+        return _BIO_MEM_DATA(bio, _MEM_DATA_POINTER) > 0
+
+    async def _pam_send_record(self, data: bytes) -> None:
+        connection = self._transport._connection
+        connection._pam_last_sent = time.monotonic()  # for idle_consent: is our traffic answered?
+        pair = connection._nominated.get(1)
+        transport = getattr(pair.protocol, "transport", None) if pair is not None else None
+        if transport is None or transport.is_closing():
+            await self.transport._send(data)  # stock path: raises ConnectionError when not connected
+        else:
+            transport.sendto(data, pair.remote_addr)
+        self._RTCDtlsTransport__tx_bytes += len(data)
+        self._RTCDtlsTransport__tx_packets += 1
+
+    async def _write_ssl(self) -> None:
+        if not self._pam_ssl_output_pending():
+            return
+        try:
+            data = self._ssl.bio_read(1500)
+        except SSL.Error:
+            data = b""
+        if data:
+            await self._pam_send_record(data)
+
+    async def _send_data(self, data: bytes) -> None:
+        if self._state != State.CONNECTED:
+            raise ConnectionError("Cannot send encrypted data, not connected")
+        self._ssl.send(data)
+        await self._write_ssl()
+
+
+def install() -> None:
+    """Make RTCPeerConnection build the tuned transports (each falls back to stock by itself)."""
+    if pc_module.RTCSctpTransport is RTCSctpTransport:
+        pc_module.RTCSctpTransport = TunedSctpTransport
+    if pc_module.RTCDtlsTransport is RTCDtlsTransport:
+        pc_module.RTCDtlsTransport = TunedDtlsTransport
