@@ -32,6 +32,8 @@ DEFAULT_ICE_TIMEOUT_S = 8.0
 # A conversation with no stream, no connected peer and no action for this long is freed, so a
 # client that vanished without `close` (or one that only ever sent candidates) gives its slot back.
 DEFAULT_CONVERSATION_TIMEOUT_S = 120.0
+# A router node's keys in Redis expire this long after the node stops refreshing them.
+DEFAULT_STATE_TTL_S = 6.0
 RESOURCE_KINDS = ("tcp", "ssh")
 MIN_TOKEN_LENGTH = 16
 
@@ -96,6 +98,10 @@ class RouterSettings:
     reply_timeout: float = DEFAULT_REPLY_TIMEOUT_S
     conversation_timeout: float = DEFAULT_CONVERSATION_TIMEOUT_S
     max_conversations_per_user: int = MAX_CONVERSATIONS_PER_USER
+    # Scale-out (docs/GATEWAY.md): a redis:// URL shared by every router node; None: in memory.
+    state_url: str | None = field(default=None, repr=False)  # may hold a Redis password
+    node: str | None = None  # this node's name among them (default: random per start)
+    state_ttl: float = DEFAULT_STATE_TTL_S
 
     @property
     def url(self) -> str:
@@ -103,8 +109,7 @@ class RouterSettings:
 
     def may_serve(self, gateway: str, resource: str) -> bool:
         """Ownership is configuration: what a gateway announces counts only where this says yes.
-        Several gateways may list one name (serving it together is for later; the router then
-        asks the client to pick one)."""
+        Several gateways may list one name: they serve it as a pool (the router picks one)."""
         identity = next((g for g in self.gateways if g.name == gateway), None)
         if identity is None:
             return False
@@ -256,7 +261,7 @@ def _users(root: _Reader) -> tuple[User, ...]:
 def _router(root: _Reader, gateway: GatewaySettings | None) -> RouterSettings:
     reader = root.table_at("router") or _Reader(root.source, {}, "router.", root.base)
     reader.reject_unknown({"listen", "rate_limit", "rate_burst", "reply_timeout", "conversation_timeout",
-                           "max_conversations_per_user"})
+                           "max_conversations_per_user", "state", "node", "state_ttl"})
     host, port = _listen(reader)
     # The process's own [gateway] is given its own [[resources]]: no other gateway may serve them.
     gateways = [GatewayIdentity(gateway.name, gateway.token, tuple(r.name for r in gateway.resources))] \
@@ -280,7 +285,16 @@ def _router(root: _Reader, gateway: GatewaySettings | None) -> RouterSettings:
                           reader.number("rate_limit", DEFAULT_RATE, 0.1, 100_000), burst,
                           reader.number("reply_timeout", DEFAULT_REPLY_TIMEOUT_S, 0.05, 600),
                           reader.number("conversation_timeout", DEFAULT_CONVERSATION_TIMEOUT_S, 0.1, 86_400),
-                          per_user)
+                          per_user, *_scaleout(reader))
+
+
+def _scaleout(reader: _Reader) -> tuple[str | None, str | None, float]:
+    """[router] state (a redis:// URL), node (this node's name) and state_ttl."""
+    url = reader.get("state", str)
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise reader.error("state", "must be a redis://, rediss:// or unix:// URL")
+    node = reader.name("node") if reader.get("node", str) is not None else None
+    return url, node, reader.number("state_ttl", DEFAULT_STATE_TTL_S, 1.0, 600)
 
 
 def _served(item: _Reader) -> tuple[str, ...] | None:
