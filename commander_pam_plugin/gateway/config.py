@@ -130,6 +130,11 @@ class GatewaySettings:
     recordings_dir: Path = Path("recordings")
     ice_timeout: float = DEFAULT_ICE_TIMEOUT_S
     resources: tuple[Resource, ...] = ()
+    router_urls: tuple[str, ...] = ()  # every router node (router_url = a list); the agent rotates
+
+    def __post_init__(self) -> None:
+        if not self.router_urls and self.router_url:
+            object.__setattr__(self, "router_urls", (self.router_url,))
 
     def resource(self, name: str) -> Resource | None:
         return next((r for r in self.resources if r.name == name), None)
@@ -388,9 +393,8 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
         return None
     reader.reject_unknown({"name", "token", "router_url", "legacy", "capabilities", "host_addresses",
                            "ice_servers", "recordings_dir", "ice_timeout"})
-    router_url = reader.get("router_url", str)
-    if router_url is not None and not router_url.startswith(("http://", "https://")):
-        raise reader.error("router_url", "must start with http:// or https://")
+    router_urls = _router_urls(reader)
+    router_url = router_urls[0] if router_urls else None
     capabilities = reader.get("capabilities", list)
     if capabilities is not None:
         unknown = [c for c in capabilities if c not in ALL_CAPABILITIES]
@@ -418,7 +422,17 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
                            host_addresses=addresses, ice_servers=ice_servers,
                            recordings_dir=reader.path("recordings_dir", "recordings"),
                            ice_timeout=reader.number("ice_timeout", DEFAULT_ICE_TIMEOUT_S, 0.1, 600),
-                           resources=tuple(resources))
+                           resources=tuple(resources), router_urls=router_urls)
+
+
+def _router_urls(reader: _Reader) -> tuple[str, ...]:
+    """gateway.router_url: one URL, or a list of router nodes' URLs (scale-out)."""
+    value = reader.get("router_url", (str, list))
+    urls = [value] if isinstance(value, str) else list(value or [])
+    for url in urls:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise reader.error("router_url", "must start with http:// or https://")
+    return tuple(urls)
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<config>", base: Path | None = None) -> Config:

@@ -85,7 +85,7 @@ class RedisState(RouterState):
             pipe = self._redis.pipeline(transaction=False)
             pipe.delete(self._key("node", self.node))
             for name in self._announced:
-                pipe.evalsha(self._withdraw.sha, 1, self._key("gw", name), self.node)
+                await self._withdraw(keys=[self._key("gw", name)], args=[self.node], client=pipe)
             await pipe.execute()
         except (RedisError, OSError):
             pass
@@ -172,8 +172,8 @@ class RedisState(RouterState):
         pipe = self._redis.pipeline(transaction=False)
         pipe.set(self._key("node", self.node), "1", px=ttl_ms)
         for presence in presences:
-            pipe.evalsha(self._announce.sha, 1, self._key("gw", presence.name), presence.to_json(), self.node,
-                         repr(presence.linked_at), ttl_ms)
+            await self._announce(keys=[self._key("gw", presence.name)], client=pipe,  # reloaded if Redis restarted
+                           args=[presence.to_json(), self.node, repr(presence.linked_at), ttl_ms])
         for conversation_id, record in homed:
             pipe.set(self._key("conv", conversation_id), record.to_json(), px=ttl_ms)
         self.ops["heartbeat"] += 1 + len(presences) + len(homed)
@@ -203,8 +203,8 @@ class RedisState(RouterState):
             return
         pipe = self._redis.pipeline(transaction=False)
         for presence in presences:
-            pipe.evalsha(self._announce.sha, 1, self._key("gw", presence.name), presence.to_json(), self.node,
-                         repr(presence.linked_at), ttl_ms)
+            await self._announce(keys=[self._key("gw", presence.name)], client=pipe,  # reloaded if Redis restarted
+                           args=[presence.to_json(), self.node, repr(presence.linked_at), ttl_ms])
         self.ops["announce"] += len(presences)
         await pipe.execute()
 
