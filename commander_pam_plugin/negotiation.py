@@ -85,7 +85,9 @@ class RouterClient:
     """A keep-alive HTTP session to one router for one user token."""
 
     def __init__(self, base_url: str, token: str) -> None:
-        self.base_url = base_url.rstrip("/")
+        # Several router nodes ("URL1,URL2"): a request that cannot reach one moves to the next.
+        self.base_urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()] or [base_url]
+        self.base_url = self.base_urls[0]
         self._token = token
         self.session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=64)
@@ -102,14 +104,17 @@ class RouterClient:
 
     def _request(self, method: str, path: str, body: Any = None,
                  read_timeout: float = READ_TIMEOUT_S) -> dict[str, Any]:
-        url = self.base_url + path
-        try:
-            response = self.session.request(method, url, json=body,
-                                            timeout=(min(CONNECT_TIMEOUT_S, read_timeout), read_timeout))
-        except requests.ConnectionError as exc:
-            raise PamError(f"cannot reach the router at {self.base_url}: {_reason(exc)}") from None
-        except requests.Timeout:
-            raise RouterTimeout(f"the router at {self.base_url} did not answer in time") from None
+        for tried in range(1, len(self.base_urls) + 1):
+            try:
+                response = self.session.request(method, self.base_url + path, json=body,
+                                                timeout=(min(CONNECT_TIMEOUT_S, read_timeout), read_timeout))
+                break
+            except requests.ConnectionError as exc:
+                if tried == len(self.base_urls):
+                    raise PamError(f"cannot reach the router at {self.base_url}: {_reason(exc)}") from None
+                self._next_node()
+            except requests.Timeout:
+                raise RouterTimeout(f"the router at {self.base_url} did not answer in time") from None
         try:
             payload = response.json()
         except ValueError:
@@ -208,6 +213,22 @@ class RouterClient:
         path = parts.path + f"/api/v1/conversations/{conversation_id}/stream"
         return urlunsplit((scheme, parts.netloc, path, "", ""))
 
+    def _next_node(self) -> None:
+        """This router node went away: the next one (any node answers any request)."""
+        self.base_url = self.base_urls[(self.base_urls.index(self.base_url) + 1) % len(self.base_urls)]
+
+    def connect_stream(self, conversation_id: str) -> websocket.WebSocket:
+        """The conversation's WebSocket, on the first router node that accepts a connection."""
+        for tried in range(1, len(self.base_urls) + 1):
+            try:
+                return websocket.create_connection(self.stream_url(conversation_id), header=[self.auth_header()],
+                                                   timeout=CONNECT_TIMEOUT_S, enable_multithread=True)
+            except OSError:
+                if tried == len(self.base_urls):
+                    raise
+                self._next_node()
+        raise AssertionError("unreachable")
+
     def auth_header(self) -> str:
         return f"Authorization: Bearer {self._token}"
 
@@ -243,9 +264,7 @@ class StreamListener:
 
     def _run(self) -> None:
         try:
-            self._ws = websocket.create_connection(
-                self._router.stream_url(self._conversation_id), header=[self._router.auth_header()],
-                timeout=CONNECT_TIMEOUT_S, enable_multithread=True)
+            self._ws = self._router.connect_stream(self._conversation_id)
             self._ws.settimeout(None)
             while not self._closing:
                 text = self._ws.recv()

@@ -8,6 +8,8 @@ router` with a [router] state URL in a subprocess, so killing it is a real proce
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -18,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
+
+from gateway_support import ClientPeer, EchoServer, RouterClient, Session, new_conversation_id, new_token
 
 from commander_pam_plugin.gateway.agent import GatewayAgent
 from commander_pam_plugin.gateway.config import config_from_dict
@@ -222,3 +226,80 @@ class Gateways:
 
         self.thread.run(go(), 30)
         self.thread.stop()
+
+
+USERS = ("alice", "bob")
+
+
+class Cluster:
+    """Redis, router nodes a/b/c, and gateway agents; the config every part shares."""
+
+    def __init__(self, tmp: Path, echo: EchoServer, pools: dict[str, list[str]]) -> None:
+        self.tmp, self.echo = tmp, echo
+        self.users = {u: new_token() for u in USERS}
+        self.gateway_tokens = {g: new_token() for names in pools.values() for g in names}
+        served: dict[str, list[str]] = {}
+        for resource, names in pools.items():
+            for name in names:
+                served.setdefault(name, []).append(resource)
+        self.served = served
+        self.router_config = {"users": [{"name": u, "token": t} for u, t in self.users.items()],
+                              "gateways": [{"name": g, "token": t, "resources": served[g]}
+                                           for g, t in self.gateway_tokens.items()]}
+        self.redis = RedisServer().start()
+        self.nodes: dict[str, RouterNode] = {}
+        self.gateways = Gateways()
+
+    def node(self, name: str) -> RouterNode:
+        node = self.nodes[name] = RouterNode(self.tmp, name, self.router_config, self.redis.url).start()
+        return node
+
+    def gateway(self, name: str, nodes: list[str]) -> Any:
+        config = {"gateway": {"name": name, "token": self.gateway_tokens[name], "host_addresses": ["127.0.0.1"]},
+                  "resources": [{"name": r, "kind": "tcp", "host": "127.0.0.1", "port": self.echo.port}
+                                for r in self.served[name]]}
+        return self.gateways.start(config, [self.nodes[n].url for n in nodes])
+
+    def client(self, node: str, user: str = "alice") -> RouterClient:
+        return RouterClient(self.nodes[node].url, self.users[user])
+
+    def close(self) -> None:
+        self.gateways.stop()
+        for node in self.nodes.values():
+            node.stop()
+        self.redis.stop()
+
+
+async def checked_echo(session: Any, stream_id: int, size: int = 256 * 1024) -> None:
+    """`size` random bytes through one tunnel connection to the echo target; sha256 must match."""
+    payload = os.urandom(size)
+    channel, reply = await session.peer.open_stream(stream_id)
+    assert reply["op"] == "opened", reply
+    for offset in range(0, size, 16384):
+        channel.send(payload[offset:offset + 16384])
+    received = bytearray()
+    while len(received) < size:
+        item = await channel.receive()
+        assert isinstance(item, bytes), item
+        received += item
+    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
+    channel.channel.close()
+
+
+async def connect_by_resource(client: RouterClient, resource: str, actions: RouterClient | None = None
+                              ) -> tuple[str, Session]:
+    """A full trickle connect addressed by resource (the router picks the pool member), the stream
+    on `client`'s node and every action on `actions`' (no stickiness); (gateway, session)."""
+    actions = actions or client
+    conversation_id = new_conversation_id()
+    stream = await client.stream(conversation_id)
+    peer = ClientPeer()
+    offer = {"type": "offer", "sdp": await peer.offer(), "resource": resource, "session": {"mode": "tunnel"}}
+    status, reply, _ = await actions.request("POST", f"/api/v1/resources/{resource}/actions", body=json.dumps(
+        {"conversation_id": conversation_id, "kind": "offer", "data": offer, "trickle_ice": True}).encode())
+    assert status == 200, reply
+    answer = (await stream.wait_for("answer"))["sdp"]
+    await peer.accept(answer)
+    await peer.connected()
+    await stream.wait_for("state", state="connected")
+    return reply["gateway"]["name"], Session(conversation_id, peer, stream)

@@ -6,6 +6,7 @@ never appear in a repr, so a logged config object cannot leak them.
 """
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import stat
@@ -298,6 +299,8 @@ def _scaleout(reader: _Reader) -> tuple[str | None, str | None, float]:
     url = reader.get("state", str)
     if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
         raise reader.error("state", "must be a redis://, rediss:// or unix:// URL")
+    if url is not None and importlib.util.find_spec("redis") is None:
+        raise reader.error("state", "needs the redis package: pip install 'commander-pam-plugin[scaleout]'")
     node = reader.name("node") if reader.get("node", str) is not None else None
     return url, node, reader.number("state_ttl", DEFAULT_STATE_TTL_S, 1.0, 600)
 

@@ -620,8 +620,17 @@ class Router:
 
     async def _perform(self, user: str, action: Action, gateway: str | None, resource: str | None
                        ) -> dict[str, Any]:
-        target = await (self._serving(resource, user) if resource is not None else self._online(gateway or ""))
-        return await self._forward(target, user, action)
+        if resource is None:
+            return await self._forward(await self._online(gateway or ""), user, action)
+        tried: set[str] = set()
+        while True:  # a pool member that went offline since it was seen: the next one
+            target = await self._serving(resource, user, tried)
+            try:
+                return await self._forward(target, user, action)
+            except HttpError as exc:
+                if exc.code != "gateway_offline" or action.kind != "offer":
+                    raise
+                tried.add(target.name)
 
     async def _read_action(self, request: web.Request, user: str) -> Action:
         """The rate limit, then the body, validated and counted."""
@@ -632,7 +641,8 @@ class Router:
         self._count(action)
         return action
 
-    async def _serving(self, resource: str, user: str) -> GatewayLink | RemoteGateway:
+    async def _serving(self, resource: str, user: str, tried: frozenset[str] | set[str] = frozenset()
+                       ) -> GatewayLink | RemoteGateway:
         """An online gateway of the resource's pool (the gateways whose [[gateways]] resources list
         it and that announced it for `user`): the one with the fewest open sessions, ties broken
         at random. Several gateways announcing a name no list pins is a 409. A user outside
@@ -644,6 +654,8 @@ class Router:
             # Not a pool the config made on purpose (it lists the name on each): let the user pick.
             raise HttpError(409, f"resource {resource} is served by several gateways: "
                                  f"{_names(link.name for link in serving)}; resolve it to one")
+        if tried and not (serving := [link for link in serving if link.name not in tried]):
+            raise HttpError(503, f"every gateway serving {resource} went offline", "gateway_offline")
         if serving:
             fewest = min(link.sessions for link in serving)
             return random.choice([link for link in serving if link.sessions == fewest])
