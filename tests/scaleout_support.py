@@ -254,10 +254,11 @@ class Cluster:
         node = self.nodes[name] = RouterNode(self.tmp, name, self.router_config, self.redis.url).start()
         return node
 
-    def gateway(self, name: str, nodes: list[str]) -> Any:
+    def gateway(self, name: str, nodes: list[str], also_announce: tuple[str, ...] = ()) -> Any:
+        """A gateway announcing what the config lets it serve, plus `also_announce` (not permitted)."""
         config = {"gateway": {"name": name, "token": self.gateway_tokens[name], "host_addresses": ["127.0.0.1"]},
                   "resources": [{"name": r, "kind": "tcp", "host": "127.0.0.1", "port": self.echo.port}
-                                for r in self.served[name]]}
+                                for r in self.served[name] + list(also_announce)]}
         return self.gateways.start(config, [self.nodes[n].url for n in nodes])
 
     def client(self, node: str, user: str = "alice") -> RouterClient:
