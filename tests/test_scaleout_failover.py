@@ -8,6 +8,8 @@ import hashlib
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -77,6 +79,10 @@ def test_a_pool_spreads_offers_and_a_killed_gateway_leaves_it(tmp_path: Path, ec
         cluster.gateway("gw-2", ["b"])
         cluster.gateway("gw-3", ["a"], also_announce=("echo",))  # not in echo's pool: the config says so
 
+        listing = pam_resources(cluster, "b")  # the real shell and plugin, on another node
+        assert listing == [["NAME", "KIND", "GATEWAY", "POOL"], ["echo", "tcp", "gw-1", "2"], ["echo", "tcp", "gw-2", "2"],
+                           ["other", "tcp", "gw-3", "1"]], listing  # gw-3 announced echo: refused
+
         async def main() -> None:
             async with cluster.client("a") as client:
                 sessions = [await connect_by_resource(client, "echo") for _ in range(4)]
@@ -99,3 +105,15 @@ def test_a_pool_spreads_offers_and_a_killed_gateway_leaves_it(tmp_path: Path, ec
         run(main(), timeout=120)
     finally:
         cluster.close()
+
+
+def pam_resources(cluster: Cluster, node: str) -> list[list[str]]:
+    """`pam resources` in commander-shell as alice, through one router node; its rows, split."""
+    home = cluster.tmp / "home"  # no ~/.config/commander-pam of the machine's user
+    home.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PAM_")}
+    env.update({"HOME": str(home), "PAM_ROUTER_URL": cluster.nodes[node].url, "PAM_TOKEN": cluster.users["alice"]})
+    shell = str(Path(sys.executable).with_name("commander-shell"))
+    done = subprocess.run([shell, "-c", "pam resources"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [line.split() for line in done.stdout.splitlines() if line.strip()]
