@@ -107,3 +107,31 @@ def test_redis_killed_and_restarted_new_connects_work_again_without_restarting_a
             await session.close(client, "gw-b")
 
     run(main(), timeout=90)
+
+
+def test_nothing_stays_bound_to_a_dead_node(cluster: Cluster) -> None:
+    import redis
+
+    cluster.router_config["router"] = {"state_ttl": 1.5}
+    for name in "ab":
+        cluster.node(name)
+    cluster.gateway("gw-b", ["b"])  # b only: once b dies it cannot relink
+
+    async def main() -> None:
+        async with cluster.client("b") as on_b, cluster.client("a") as on_a:
+            session = await connect(on_b, "gw-b", "echo", trickle=True)  # homed on b
+            store = redis.Redis.from_url(cluster.redis.url)
+            assert store.exists("pam:node:b", "pam:gw:gw-b", f"pam:conv:{session.conversation_id}") == 3
+
+            await asyncio.to_thread(cluster.nodes["b"].kill)  # no goodbye: nothing is deleted
+            deadline = time.monotonic() + 15  # a bound against a hang; state_ttl is 1.5 s
+            while store.exists("pam:node:b", "pam:gw:gw-b", f"pam:conv:{session.conversation_id}") \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert store.exists("pam:node:b", "pam:gw:gw-b", f"pam:conv:{session.conversation_id}") == 0
+            status, payload = await on_a.action("gw-b", None, "ping")
+            assert status == 503 and payload["error"]["code"] == "gateway_offline", payload
+            await checked_echo(session, 2)  # the peer still does not care
+            store.close()
+
+    run(main(), timeout=60)

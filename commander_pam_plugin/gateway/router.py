@@ -247,16 +247,21 @@ class Router:
         bound = sock.getsockname()[1]
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
         self._sweeper = asyncio.ensure_future(self._sweep())
-        self.state.on_replaced(self._replaced)
-        await self.state.start(self._on_node_message)
-        self._relayer = asyncio.ensure_future(self._relay_remote())
-        log.info("router listening on %s (node %s, %s state)", self.url, self.state.node,
-                 "shared" if self.settings.state_url else "in-memory")
+        log.info("router listening on %s", self.url)
         for identity in self.settings.gateways:
             if not identity.only_listed:
                 log.info("router: gateway %s may also serve resources the config gives to no gateway "
                          "(list them in its [[gateways]] resources to allow only those)", identity.name)
+        await self._start_state()
         return self.url
+
+    async def _start_state(self) -> None:
+        """Join the other router nodes (shared state), or keep everything here (in memory)."""
+        self.state.on_replaced(self._replaced)
+        await self.state.start(self._on_node_message)
+        self._relayer = asyncio.ensure_future(self._relay_remote())
+        if self.settings.state_url:
+            log.info("router node %s shares its state with the other nodes", self.state.node)
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -604,6 +609,8 @@ class Router:
                                              "event": event, "hop": True})
             except StateUnavailable:
                 log.debug("router: an event from %s was lost while the shared state was down", gateway)
+            except Exception:  # never let one bad event stop every later one
+                log.exception("router: relaying an event from %s to another node failed", gateway)
 
     def _replaced(self, gateway: str) -> None:
         """Another node holds a newer link of this gateway: ours is stale, close it."""

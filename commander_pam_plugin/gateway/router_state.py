@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import secrets
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from .client_errors import HttpError
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
@@ -172,7 +175,11 @@ class RouterState:
             return
         if self._handler is None:
             return
-        reply = await self._handler(message)
+        try:
+            reply = await self._handler(message)
+        except Exception:  # the asking node gets a clear 500 at once, not a timeout
+            log.exception("router node %s: handling a %s message failed", self.node, str(message.get("type"))[:32])
+            reply = {"ok": False, "status": 500, "error": f"internal error on router node {self.node}; see its log"}
         sender, rid = message.get("from"), message.get("rid")
         if isinstance(sender, str) and isinstance(rid, str):
             await self.send(sender, {**(reply or {}), "reply_to_rid": rid})

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 6.0
 DEFAULT_PREFIX = "pam:"
-OP_TIMEOUT_S = 2.0
+OP_TIMEOUT_S = 5.0  # generous: a loaded machine answers late, and a timeout fails the request
 RETRY_MIN_S, RETRY_MAX_S = 0.05, 2.0
 
 # Set the presence unless another node holds a newer link of that gateway; returns the holder.
@@ -56,6 +56,9 @@ class RedisState(RouterState):
         self.url, self.ttl, self.prefix = url, ttl, prefix
         self._redis = redis.from_url(url, socket_timeout=OP_TIMEOUT_S, socket_connect_timeout=OP_TIMEOUT_S,
                                      health_check_interval=max(1, int(ttl / 3)))
+        # The subscription has a connection of its own with no read timeout: a slow moment must not
+        # drop it (messages published while it resubscribes are lost; pub/sub keeps nothing).
+        self._listener = redis.from_url(url, socket_connect_timeout=OP_TIMEOUT_S)
         self._announce = self._redis.register_script(_ANNOUNCE)
         self._withdraw = self._redis.register_script(_WITHDRAW)
         self._announced: dict[str, GatewayPresence] = {}
@@ -91,6 +94,7 @@ class RedisState(RouterState):
             pass
         await super().stop()
         await self._redis.aclose()
+        await self._listener.aclose()
 
     def _safe_url(self) -> str:
         """The URL without a password, for logs."""
@@ -116,7 +120,7 @@ class RedisState(RouterState):
         delay = RETRY_MIN_S
         channel = self._key("to", self.node)
         while True:
-            pubsub = self._redis.pubsub()
+            pubsub = self._listener.pubsub()
             try:
                 await pubsub.subscribe(channel)
                 self.ops["subscribe"] += 1
