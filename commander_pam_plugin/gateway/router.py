@@ -195,6 +195,7 @@ class Router:
         self._event_homes: OrderedDict[str, str] = OrderedDict()  # conversation -> home node (remote homes)
         self._outgoing: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue()
         self._relayer: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Future[Any]] = set()
         self.conversations: dict[str, Conversation] = {}
         # Valid actions received, per kind and per conversation (benchmarks count icecandidate).
         self.stats: Counter[str] = Counter()
@@ -426,7 +427,14 @@ class Router:
     def _release(self, conversation_id: str) -> None:
         """Free the shared record too (in the background: the drop itself never waits on Redis)."""
         if self.settings.state_url:
-            asyncio.ensure_future(self.state.release(conversation_id)).add_done_callback(_quiet)
+            self._background(self.state.release(conversation_id))
+
+    def _background(self, coro: Any) -> None:
+        """A state write nobody waits for, kept referenced until done (the loop holds weak ones)."""
+        task = asyncio.ensure_future(coro)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        task.add_done_callback(_quiet)
 
     def _count(self, action: Action) -> None:
         self.stats[action.kind] += 1
@@ -623,7 +631,7 @@ class Router:
     def _announce(self, link: GatewayLink) -> None:
         """Tell the other nodes (its session count changed)."""
         if self.gateways.get(link.name) is link:
-            asyncio.ensure_future(self.state.announce(_presence(link, self.state.node))).add_done_callback(_quiet)
+            self._background(self.state.announce(_presence(link, self.state.node)))
 
     async def _perform(self, user: str, action: Action, gateway: str | None, resource: str | None
                        ) -> dict[str, Any]:

@@ -65,6 +65,7 @@ class RedisState(RouterState):
         self._homed: dict[str, ConversationRecord] = {}
         self._dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._handling: set[asyncio.Future[Any]] = set()
         self._down_since: float | None = None
         self.subscribed = asyncio.Event()  # the node listens on its channel (tests and start wait on it)
 
@@ -155,6 +156,8 @@ class RedisState(RouterState):
             return
         if isinstance(message, dict):
             task = asyncio.ensure_future(self._received(message))
+            self._handling.add(task)  # a strong reference: the loop keeps only weak ones
+            task.add_done_callback(self._handling.discard)
             task.add_done_callback(_log_failure)
 
     async def _heartbeat(self) -> None:
