@@ -193,9 +193,12 @@ def tunnel_diagnose(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def resources(ctx: Any, args: argparse.Namespace) -> int:
-    _print_listing(ctx, wants_json(args), get_runtime().router().resources(), "no resources available to you",
-                   ("NAME", "KIND", "GATEWAY"),
-                   lambda r: (str(r.get("name")), str(r.get("kind")), str(r.get("gateway"))))
+    listed = get_runtime().router().resources()
+    # A name listed by several gateways is a pool (docs/GATEWAY.md): POOL says how many serve it.
+    pool = {name: sum(1 for r in listed if r.get("name") == name) for name in {r.get("name") for r in listed}}
+    _print_listing(ctx, wants_json(args), listed, "no resources available to you",
+                   ("NAME", "KIND", "GATEWAY", "POOL"),
+                   lambda r: (str(r.get("name")), str(r.get("kind")), str(r.get("gateway")), str(pool[r.get("name")])))
     return 0
 
 

@@ -92,9 +92,10 @@ def _config_path(environ: Mapping[str, str]) -> tuple[Path, bool]:
 def _check_router_url(value: Any, source: str, key: str) -> str:
     if not isinstance(value, str):
         raise _fail(source, key, "must be a string")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise _fail(source, key, f"must be an http:// or https:// URL, got {value!r}")
+    for url in value.split(","):  # several router nodes: "URL1,URL2" (docs/GATEWAY.md)
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise _fail(source, key, f"must be an http:// or https:// URL, got {value!r}")
     return value.rstrip("/")
 
 

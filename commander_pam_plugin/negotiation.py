@@ -16,6 +16,7 @@ import concurrent.futures
 import json
 import logging
 import secrets
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -87,8 +88,11 @@ class RouterClient:
     def __init__(self, base_url: str, token: str, ca_file: str | None = None, insecure_http: bool = False) -> None:
         from .config import check_transport_security
 
-        self.base_url = base_url.rstrip("/")
-        check_transport_security(self.base_url, insecure_http)  # before the token goes anywhere
+        # Several router nodes ("URL1,URL2"): a request that cannot reach one moves to the next.
+        self.base_urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()] or [base_url]
+        for url in self.base_urls:
+            check_transport_security(url, insecure_http)  # before the token goes anywhere
+        self.base_url = self.base_urls[0]
         self._token = token
         self.ca_file = ca_file
         self.session = requests.Session()  # verify= per request: REQUESTS_CA_BUNDLE must not override ca_file
@@ -106,17 +110,20 @@ class RouterClient:
 
     def _request(self, method: str, path: str, body: Any = None,
                  read_timeout: float = READ_TIMEOUT_S) -> dict[str, Any]:
-        url = self.base_url + path
-        try:
-            response = self.session.request(method, url, json=body, verify=self.ca_file or True,
-                                            timeout=(min(CONNECT_TIMEOUT_S, read_timeout), read_timeout))
-        except requests.exceptions.SSLError as exc:
-            raise PamError(f"the router at {self.base_url} failed TLS verification ({_tls_reason(exc)}); "
-                           "set ca_file to the CA that signed its certificate") from None
-        except requests.ConnectionError as exc:
-            raise PamError(f"cannot reach the router at {self.base_url}: {_reason(exc)}") from None
-        except requests.Timeout:
-            raise RouterTimeout(f"the router at {self.base_url} did not answer in time") from None
+        for tried in range(1, len(self.base_urls) + 1):
+            try:
+                response = self.session.request(method, self.base_url + path, json=body, verify=self.ca_file or True,
+                                                timeout=(min(CONNECT_TIMEOUT_S, read_timeout), read_timeout))
+                break
+            except requests.exceptions.SSLError as exc:
+                raise PamError(f"the router at {self.base_url} failed TLS verification ({_tls_reason(exc)}); "
+                               "set ca_file to the CA that signed its certificate") from None
+            except requests.ConnectionError as exc:
+                if tried == len(self.base_urls):
+                    raise PamError(f"cannot reach the router at {self.base_url}: {_reason(exc)}") from None
+                self._next_node()
+            except requests.Timeout:
+                raise RouterTimeout(f"the router at {self.base_url} did not answer in time") from None
         try:
             payload = response.json()
         except ValueError:
@@ -219,6 +226,25 @@ class RouterClient:
         """websocket-client's sslopt: verify with ca_file when one is configured."""
         return {"ca_certs": self.ca_file} if self.ca_file else {}
 
+    def _next_node(self) -> None:
+        """This router node went away: the next one (any node answers any request)."""
+        self.base_url = self.base_urls[(self.base_urls.index(self.base_url) + 1) % len(self.base_urls)]
+
+    def connect_stream(self, conversation_id: str) -> websocket.WebSocket:
+        """The conversation's WebSocket, on the first router node that accepts a connection."""
+        for tried in range(1, len(self.base_urls) + 1):
+            try:
+                return websocket.create_connection(self.stream_url(conversation_id), header=[self.auth_header()],
+                                                   timeout=CONNECT_TIMEOUT_S, enable_multithread=True,
+                                                   sslopt=self.ssl_options())
+            except ssl.SSLError:
+                raise
+            except OSError:
+                if tried == len(self.base_urls):
+                    raise
+                self._next_node()
+        raise AssertionError("unreachable")
+
     def auth_header(self) -> str:
         return f"Authorization: Bearer {self._token}"
 
@@ -263,9 +289,7 @@ class StreamListener:
 
     def _run(self) -> None:
         try:
-            self._ws = websocket.create_connection(
-                self._router.stream_url(self._conversation_id), header=[self._router.auth_header()],
-                timeout=CONNECT_TIMEOUT_S, enable_multithread=True, sslopt=self._router.ssl_options())
+            self._ws = self._router.connect_stream(self._conversation_id)
             self._ws.settimeout(None)
             while not self._closing:
                 text = self._ws.recv()

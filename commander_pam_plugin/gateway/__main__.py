@@ -150,7 +150,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         raise ConfigError(f"--router: {url!r} must start with http:// or https://")
 
     async def start():
-        agent = GatewayAgent(config.gateway, url)
+        agent = GatewayAgent(config.gateway, args.router or None)  # None: every gateway.router_url
         task = asyncio.ensure_future(agent.run())
 
         async def close() -> None:

@@ -13,7 +13,7 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import aiohttp
 
@@ -67,12 +67,14 @@ class _EarlyCandidates:
 class GatewayAgent:
     """Connects to the router and serves actions until stop()."""
 
-    def __init__(self, settings: GatewaySettings, router_url: str | None = None) -> None:
-        url = router_url or settings.router_url
-        if not url:
+    def __init__(self, settings: GatewaySettings, router_url: str | Sequence[str] | None = None) -> None:
+        # Several router nodes: the agent dials the next one whenever its node goes away.
+        urls = [router_url] if isinstance(router_url, str) else list(router_url or settings.router_urls)
+        if not urls:
             raise ValueError("the gateway needs a router URL (gateway.router_url or --router)")
         self.settings = settings
-        self.router_url = url.rstrip("/")
+        self.router_urls = [u.rstrip("/") for u in urls]
+        self.router_url = self.router_urls[0]
         self.name = settings.name
         self.version = LEGACY_VERSION if settings.legacy else GATEWAY_VERSION
         default_caps: tuple[str, ...] = () if settings.legacy else ALL_CAPABILITIES
@@ -115,6 +117,8 @@ class GatewayAgent:
                     log.warning("router %s unreachable (%s)", self.router_url, exc.__class__.__name__)
                 if self._stopping.is_set():
                     break
+                nodes = self.router_urls  # lost or never reached: the next node (backoff still applies)
+                self.router_url = nodes[(nodes.index(self.router_url) + 1) % len(nodes)]
                 try:
                     await asyncio.wait_for(self._stopping.wait(), next(delays))
                 except asyncio.TimeoutError:

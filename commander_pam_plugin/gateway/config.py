@@ -6,6 +6,7 @@ never appear in a repr, so a logged config object cannot leak them.
 """
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import stat
@@ -33,6 +34,8 @@ DEFAULT_ICE_TIMEOUT_S = 8.0
 # A conversation with no stream, no connected peer and no action for this long is freed, so a
 # client that vanished without `close` (or one that only ever sent candidates) gives its slot back.
 DEFAULT_CONVERSATION_TIMEOUT_S = 120.0
+# A router node's keys in Redis expire this long after the node stops refreshing them.
+DEFAULT_STATE_TTL_S = 6.0
 RESOURCE_KINDS = ("tcp", "ssh")
 MIN_TOKEN_LENGTH = 16
 
@@ -99,6 +102,10 @@ class RouterSettings:
     max_conversations_per_user: int = MAX_CONVERSATIONS_PER_USER
     tls_cert: Path | None = None  # with tls_key: serve HTTPS/WSS (gateway/tls.py)
     tls_key: Path | None = None
+    # Scale-out (docs/GATEWAY.md): a redis:// URL shared by every router node; None: in memory.
+    state_url: str | None = field(default=None, repr=False)  # may hold a Redis password
+    node: str | None = None  # this node's name among them (default: random per start)
+    state_ttl: float = DEFAULT_STATE_TTL_S
 
     @property
     def url(self) -> str:
@@ -106,8 +113,7 @@ class RouterSettings:
 
     def may_serve(self, gateway: str, resource: str) -> bool:
         """Ownership is configuration: what a gateway announces counts only where this says yes.
-        Several gateways may list one name (serving it together is for later; the router then
-        asks the client to pick one)."""
+        Several gateways may list one name: they serve it as a pool (the router picks one)."""
         identity = next((g for g in self.gateways if g.name == gateway), None)
         if identity is None:
             return False
@@ -131,6 +137,11 @@ class GatewaySettings:
     ice_timeout: float = DEFAULT_ICE_TIMEOUT_S
     resources: tuple[Resource, ...] = ()
     limits: GatewayLimits = field(default_factory=GatewayLimits)  # [gateway.limits], see limits.py
+    router_urls: tuple[str, ...] = ()  # every router node (router_url = a list); the agent rotates
+
+    def __post_init__(self) -> None:
+        if not self.router_urls and self.router_url:
+            object.__setattr__(self, "router_urls", (self.router_url,))
 
     def resource(self, name: str) -> Resource | None:
         return next((r for r in self.resources if r.name == name), None)
@@ -263,7 +274,7 @@ def _users(root: _Reader) -> tuple[User, ...]:
 def _router(root: _Reader, gateway: GatewaySettings | None) -> RouterSettings:
     reader = root.table_at("router") or _Reader(root.source, {}, "router.", root.base)
     reader.reject_unknown({"listen", "rate_limit", "rate_burst", "reply_timeout", "conversation_timeout",
-                           "max_conversations_per_user", "tls_cert", "tls_key"})
+                           "max_conversations_per_user", "tls_cert", "tls_key", "state", "node", "state_ttl"})
     tls_cert, tls_key = _existing_file(reader, "tls_cert"), _existing_file(reader, "tls_key")
     if (tls_cert is None) != (tls_key is None):
         raise reader.error("tls_cert" if tls_cert is None else "tls_key", "tls_cert and tls_key go together")
@@ -290,7 +301,18 @@ def _router(root: _Reader, gateway: GatewaySettings | None) -> RouterSettings:
                           reader.number("rate_limit", DEFAULT_RATE, 0.1, 100_000), burst,
                           reader.number("reply_timeout", DEFAULT_REPLY_TIMEOUT_S, 0.05, 600),
                           reader.number("conversation_timeout", DEFAULT_CONVERSATION_TIMEOUT_S, 0.1, 86_400),
-                          per_user, tls_cert=tls_cert, tls_key=tls_key)
+                          per_user, tls_cert, tls_key, *_scaleout(reader))
+
+
+def _scaleout(reader: _Reader) -> tuple[str | None, str | None, float]:
+    """[router] state (a redis:// URL), node (this node's name) and state_ttl."""
+    url = reader.get("state", str)
+    if url is not None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise reader.error("state", "must be a redis://, rediss:// or unix:// URL")
+    if url is not None and importlib.util.find_spec("redis") is None:
+        raise reader.error("state", "needs the redis package: pip install 'commander-pam-plugin[scaleout]'")
+    node = reader.name("node") if reader.get("node", str) is not None else None
+    return url, node, reader.number("state_ttl", DEFAULT_STATE_TTL_S, 1.0, 600)
 
 
 def _served(item: _Reader) -> tuple[str, ...] | None:
@@ -396,9 +418,8 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
         policy = rtc.check_policy(reader.get("ice_transport_policy", str, "all"))
     except ValueError as exc:
         raise reader.error("ice_transport_policy", str(exc)) from None
-    router_url = reader.get("router_url", str)
-    if router_url is not None and not router_url.startswith(("http://", "https://")):
-        raise reader.error("router_url", "must start with http:// or https://")
+    router_urls = _router_urls(reader)
+    router_url = router_urls[0] if router_urls else None
     capabilities = reader.get("capabilities", list)
     if capabilities is not None:
         unknown = [c for c in capabilities if c not in ALL_CAPABILITIES]
@@ -428,7 +449,18 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
                            router_ca_file=_existing_file(reader, "router_ca_file"),
                            recordings_dir=reader.path("recordings_dir", "recordings"),
                            ice_timeout=reader.number("ice_timeout", DEFAULT_ICE_TIMEOUT_S, 0.1, 600),
-                           resources=tuple(resources), limits=limits_from_table(reader.table_at("limits")))
+                           resources=tuple(resources), limits=limits_from_table(reader.table_at("limits")),
+                           router_urls=router_urls)
+
+
+def _router_urls(reader: _Reader) -> tuple[str, ...]:
+    """gateway.router_url: one URL, or a list of router nodes' URLs (scale-out)."""
+    value = reader.get("router_url", (str, list))
+    urls = [value] if isinstance(value, str) else list(value or [])
+    for url in urls:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise reader.error("router_url", "must start with http:// or https://")
+    return tuple(urls)
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<config>", base: Path | None = None) -> Config:

@@ -15,6 +15,7 @@ import itertools
 import json
 import logging
 import math
+import random
 import socket
 import time
 from collections import Counter, OrderedDict, deque
@@ -28,6 +29,8 @@ from ..protocol import (MAX_BODY_BYTES, MAX_WS_MESSAGE_BYTES, PROTOCOL_VERSION, 
 from . import client_errors
 from .client_errors import MAX_HEADER_BYTES, HttpError, JsonErrorRunner, client_caused, error_response
 from .config import RouterSettings
+from .router_state import (ConversationRecord, GatewayPresence, NodeGone, RouterState, StateUnavailable,
+                           build_state)
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +89,30 @@ class GatewayLink:
     # None: the gateway announced no list (older than this field); it is asked on every listing.
     resources: tuple[AnnouncedResource, ...] | None = None
     pending: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    linked_at: float = field(default_factory=time.time)
+    open: set[str] = field(default_factory=set)  # conversations with an accepted offer, not yet ended
+
+    @property
+    def sessions(self) -> int:
+        return len(self.open)
 
     def fail_pending(self, message: str) -> None:
         for future in self.pending.values():
             if not future.done():
                 future.set_exception(HttpError(503, message, "gateway_offline"))
         self.pending.clear()
+
+
+@dataclass
+class RemoteGateway:
+    """A gateway linked to another router node: actions reach it through that node."""
+
+    name: str
+    node: str
+    version: str
+    capabilities: list[str]
+    resources: tuple[AnnouncedResource, ...] | None
+    sessions: int
 
 
 class _StreamOut:
@@ -165,9 +186,16 @@ class Conversation:
 class Router:
     """The aiohttp application and its state; start() serves it on one address."""
 
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, settings: RouterSettings, state: RouterState | None = None) -> None:
         self.settings = settings
-        self.gateways: dict[str, GatewayLink] = {}
+        # Shared with the other router nodes (Redis), or this process's alone (memory).
+        self.state = state or build_state(settings.state_url, settings.node, settings.state_ttl)
+        self.gateways: dict[str, GatewayLink] = {}  # linked to this node
+        self._remote_online: set[str] = set()  # linked to other nodes, as last seen
+        self._event_homes: OrderedDict[str, str] = OrderedDict()  # conversation -> home node (remote homes)
+        self._outgoing: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue()
+        self._relayer: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Future[Any]] = set()
         self.conversations: dict[str, Conversation] = {}
         # Valid actions received, per kind and per conversation (benchmarks count icecandidate).
         self.stats: Counter[str] = Counter()
@@ -231,7 +259,16 @@ class Router:
             if not identity.only_listed:
                 log.info("router: gateway %s may also serve resources the config gives to no gateway "
                          "(list them in its [[gateways]] resources to allow only those)", identity.name)
+        await self._start_state()
         return self.url
+
+    async def _start_state(self) -> None:
+        """Join the other router nodes (shared state), or keep everything here (in memory)."""
+        self.state.on_replaced(self._replaced)
+        await self.state.start(self._on_node_message)
+        self._relayer = asyncio.ensure_future(self._relay_remote())
+        if self.settings.state_url:
+            log.info("router node %s shares its state with the other nodes", self.state.node)
 
     async def stop(self) -> None:
         if self._sweeper is not None:
@@ -241,6 +278,11 @@ class Router:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._relayer is not None:
+            self._relayer.cancel()
+            await asyncio.gather(self._relayer, return_exceptions=True)
+            self._relayer = None
+            await self.state.stop()
 
     async def _sweep(self) -> None:
         """Free idle conversations on a steady beat (the per-user cap also sweeps on demand)."""
@@ -255,7 +297,7 @@ class Router:
         horizon = time.monotonic() - self.settings.conversation_timeout
         idle = [c for c in self.conversations.values()
                 if c.stream is None and c.touched < horizon
-                and not (c.peer_live and c.gateway is not None and c.gateway in self.gateways)]
+                and not (c.peer_live and c.gateway is not None and self._is_online(c.gateway))]
         for conversation in idle:
             self._drop(conversation.id)
         if idle:
@@ -328,11 +370,28 @@ class Router:
             raise HttpError(404, f"unknown gateway {name}")
         return name
 
-    def _online(self, name: str) -> GatewayLink:
+    def _is_online(self, name: str) -> bool:
+        return name in self.gateways or name in self._remote_online
+
+    async def _targets(self) -> dict[str, GatewayLink | RemoteGateway]:
+        """Every online gateway: linked here, or (shared state) linked to another node."""
+        targets: dict[str, GatewayLink | RemoteGateway] = dict(self.gateways)
+        if self.settings.state_url:
+            names = tuple(n for n in self._known_gateways if n not in self.gateways)
+            for name, presence in (await self.state.presences(names)).items():
+                if presence.node != self.state.node:
+                    targets[name] = _remote(presence)
+            self._remote_online = {n for n, t in targets.items() if isinstance(t, RemoteGateway)}
+        return targets
+
+    async def _online(self, name: str) -> GatewayLink | RemoteGateway:
         link = self.gateways.get(name)
-        if link is None:
+        if link is not None:
+            return link
+        remote = (await self._targets()).get(name)
+        if remote is None:
             raise HttpError(503, f"gateway {name} is offline (not connected to this router)", "gateway_offline")
-        return link
+        return remote
 
     def _owned(self, conversation_id: str, user: str) -> Conversation | None:
         """The conversation if it exists; 403 if another user holds it."""
@@ -368,6 +427,20 @@ class Router:
         conversation = self.conversations.pop(conversation_id, None)
         if conversation is not None and conversation.stream is not None:
             conversation.stream.finish()
+        if conversation is not None:
+            self._release(conversation_id)
+
+    def _release(self, conversation_id: str) -> None:
+        """Free the shared record too (in the background: the drop itself never waits on Redis)."""
+        if self.settings.state_url:
+            self._background(self.state.release(conversation_id))
+
+    def _background(self, coro: Any) -> None:
+        """A state write nobody waits for, kept referenced until done (the loop holds weak ones)."""
+        task = asyncio.ensure_future(coro)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        task.add_done_callback(_quiet)
 
     def _count(self, action: Action) -> None:
         self.stats[action.kind] += 1
@@ -386,7 +459,7 @@ class Router:
 
     async def _gateway_status(self, request: web.Request) -> web.Response:
         self._user(request)
-        link = self._online(self._known(request.match_info["gateway"]))
+        link = await self._online(self._known(request.match_info["gateway"]))
         return web.json_response({"ok": True, "gateway": link.name, "online": True, "version": link.version,
                                   "capabilities": link.capabilities})
 
@@ -394,7 +467,7 @@ class Router:
         """From the gateways' announcements; a gateway that announced none is asked (older ones)."""
         user = self._user(request)
         self._rate_limit(user)  # it may ask every gateway at once: it counts like an action
-        links = list(self.gateways.values())
+        links = list((await self._targets()).values())
         resources = [r.public(link.name) for link in links if link.resources is not None
                      for r in link.resources if r.allows(user)]  # announcements were checked at hello
         silent = [link for link in links if link.resources is None]
@@ -415,7 +488,7 @@ class Router:
         user = self._user(request)
         name = self._known(request.match_info["gateway"])
         action = await self._read_action(request, user)
-        return await self._forward(self._online(name), user, action)
+        return web.json_response(await self._dispatch(user, action, gateway=name))
 
     async def _resource_action(self, request: web.Request) -> web.Response:
         """An action addressed by resource: sent to the one online gateway that announced it for this user."""
@@ -429,7 +502,156 @@ class Router:
         if action.kind == "offer" and action.data.get("resource") != resource:
             raise HttpError(400, f"the offer names resource {action.data.get('resource')} "
                                  f"but was sent to resource {resource}")
-        return await self._forward(self._serving(resource, user), user, action)
+        return web.json_response(await self._dispatch(user, action, resource=resource))
+
+    # --- conversation homes (several router nodes) -----------------------------------------
+
+    async def _dispatch(self, user: str, action: Action, gateway: str | None = None,
+                        resource: str | None = None) -> dict[str, Any]:
+        """Run the action on its conversation's home node: here, or forwarded to the node that
+        holds the conversation (any node answers any request; no load-balancer stickiness)."""
+        cid = action.conversation_id
+        if not cid or action.kind not in ("offer", "icecandidate", "close"):
+            return await self._perform(user, action, gateway, resource)
+        home = await self._home(cid, user)
+        if home != self.state.node:
+            message = {"type": "client_action", "user": user, "gateway": gateway, "resource": resource,
+                       "action": _action_json(action)}
+            try:
+                reply = await self.state.request(home, message, self.settings.reply_timeout + 2)
+            except NodeGone:
+                await self._take_over(cid, user)
+            else:
+                if reply.get("ok") is not True:
+                    raise HttpError(_status(reply.get("status")), _one_line(reply.get("error") or "refused"),
+                                    reply.get("code") if isinstance(reply.get("code"), str) else None)
+                return reply.get("payload") or {}
+        try:
+            return await self._perform(user, action, gateway, resource)
+        finally:
+            if cid not in self.conversations:
+                self._release(cid)  # claimed, never bound (refused): nothing to keep fresh
+
+    async def _home(self, cid: str, user: str) -> str:
+        """The node holding this conversation (claimed for this node if nobody holds it)."""
+        if cid in self.conversations:
+            self._owned(cid, user)
+            return self.state.node
+        if not self.settings.state_url:
+            return self.state.node
+        record = await self.state.claim(cid, user)
+        if not hmac.compare_digest(record.owner.encode(), user.encode()):
+            raise HttpError(403, f"conversation {cid} belongs to another user")
+        if record.home == self.state.node:
+            self._adopt(cid, record)
+        return record.home
+
+    async def _take_over(self, cid: str, user: str) -> None:
+        """The conversation's home node died (or its stream moved here): hold it on this node."""
+        old = await self.state.lookup(cid)
+        gateway = old.gateway if old is not None and old.owner == user else None
+        record = ConversationRecord(user, self.state.node, gateway)
+        await self.state.rehome(cid, record)
+        self._adopt(cid, record)
+        if old is not None and old.home != self.state.node:
+            try:
+                await self.state.send(old.home, {"type": "moved", "conversation_id": cid})
+            except StateUnavailable:
+                pass
+
+    def _adopt(self, cid: str, record: ConversationRecord) -> None:
+        """A local conversation for a record homed here (its confirmed gateway, if it had one)."""
+        if cid not in self.conversations and record.gateway is not None:
+            conversation = self.conversations[cid] = Conversation(cid, record.owner, record.gateway)
+            conversation.confirmed = True
+
+    async def _on_node_message(self, message: dict[str, Any]) -> dict[str, Any] | None:
+        """Another node's message: run an action on a gateway linked here, run a client action
+        on a conversation homed here, or take an event for a conversation homed here."""
+        kind = message.get("type")
+        try:
+            if kind == "gateway_call":
+                return await self._serve_gateway_call(message)
+            if kind == "client_action":
+                action = validate_action(message.get("action"))
+                user = str(message.get("user"))
+                return {"ok": True, "payload": await self._perform(
+                    user, action, message.get("gateway"), message.get("resource"))}
+        except ProtocolError as exc:
+            return {"ok": False, "status": exc.status, "error": exc.message, "code": exc.code}
+        if kind == "event":
+            cid, gateway = message.get("conversation_id"), message.get("gateway")
+            if isinstance(cid, str) and isinstance(gateway, str):
+                if cid in self.conversations or message.get("hop"):
+                    self._relay(gateway, cid, message.get("event"))
+                else:  # its home moved: pass it on, once
+                    self._outgoing.put_nowait((gateway, cid, message.get("event")))
+        elif kind == "moved":
+            cid = message.get("conversation_id")
+            conversation = self.conversations.pop(cid, None) if isinstance(cid, str) else None
+            if conversation is not None and conversation.stream is not None:
+                conversation.stream.finish()
+        return None
+
+    async def _serve_gateway_call(self, message: dict[str, Any]) -> dict[str, Any]:
+        name = message.get("gateway")
+        link = self.gateways.get(name) if isinstance(name, str) else None
+        if link is None:
+            raise HttpError(503, f"gateway {name} went offline", "gateway_offline")
+        action = validate_action(message.get("action"))
+        if action.conversation_id and isinstance(message.get("from"), str):
+            self._event_homes[action.conversation_id] = message["from"]
+            self._event_homes.move_to_end(action.conversation_id)
+            while len(self._event_homes) > STATS_HISTORY:
+                self._event_homes.popitem(last=False)
+        data = await self.call(link, str(message.get("user")), action)
+        return {"ok": True, "data": data}
+
+    async def _relay_remote(self) -> None:
+        """Events for conversations homed on other nodes, sent in order, one at a time."""
+        while True:
+            gateway, cid, event = await self._outgoing.get()
+            try:
+                home = self._event_homes.get(cid)
+                if home is None or home == self.state.node:
+                    record = await self.state.lookup(cid)
+                    home = record.home if record is not None else None
+                if home is None or home == self.state.node:
+                    log.debug("router: dropping an event from %s for an unknown conversation", gateway)
+                    continue
+                await self.state.send(home, {"type": "event", "gateway": gateway, "conversation_id": cid,
+                                             "event": event, "hop": True})
+            except StateUnavailable:
+                log.debug("router: an event from %s was lost while the shared state was down", gateway)
+            except Exception:  # never let one bad event stop every later one
+                log.exception("router: relaying an event from %s to another node failed", gateway)
+
+    def _replaced(self, gateway: str) -> None:
+        """Another node holds a newer link of this gateway: ours is stale, close it."""
+        link = self.gateways.pop(gateway, None)
+        if link is not None:
+            log.warning("router: gateway %s relinked to another node; closing the stale link here", gateway)
+            link.fail_pending(f"gateway {gateway} moved to another router node")
+            asyncio.ensure_future(link.ws.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection"))
+
+    def _announce(self, link: GatewayLink) -> None:
+        """Tell the other nodes (its session count changed)."""
+        if self.gateways.get(link.name) is link:
+            self._background(self.state.announce(_presence(link, self.state.node)))
+
+    async def _perform(self, user: str, action: Action, gateway: str | None, resource: str | None
+                       ) -> dict[str, Any]:
+        if resource is None:
+            return await self._forward(await self._online(gateway or ""), user, action)
+        tried: set[str] = set()
+        while True:  # a pool member that went offline since it was seen: the next one
+            target = await self._serving(resource, user, tried)
+            try:
+                return await self._forward(target, user, action)
+            except HttpError as exc:
+                if exc.code != "gateway_offline" or action.kind != "offer":
+                    raise
+                tried.add(target.name)
 
     async def _read_action(self, request: web.Request, user: str) -> Action:
         """The rate limit, then the body, validated and counted."""
@@ -440,21 +662,28 @@ class Router:
         self._count(action)
         return action
 
-    def _serving(self, resource: str, user: str) -> GatewayLink:
-        """The one online gateway that announced `resource` for `user`. A user outside its allow
-        list gets the same 404 as for a name nobody serves: it never learns the resource exists."""
-        announcing = [link for link in self.gateways.values() if link.resources is not None]
+    async def _serving(self, resource: str, user: str, tried: frozenset[str] | set[str] = frozenset()
+                       ) -> GatewayLink | RemoteGateway:
+        """An online gateway of the resource's pool (the gateways whose [[gateways]] resources list
+        it and that announced it for `user`): the one with the fewest open sessions, ties broken
+        at random. Several gateways announcing a name no list pins is a 409. A user outside
+        its allow list gets the same 404 as for a name nobody serves: it never learns it exists."""
+        announcing = [link for link in (await self._targets()).values() if link.resources is not None]
         serving = [link for link in announcing
                    if any(r.name == resource and r.allows(user) for r in link.resources or ())]
-        if len(serving) == 1:
-            return serving[0]
-        if serving:
+        if len(serving) > 1 and not all(resource in self._known_gateways[link.name].resources for link in serving):
+            # Not a pool the config made on purpose (it lists the name on each): let the user pick.
             raise HttpError(409, f"resource {resource} is served by several gateways: "
                                  f"{_names(link.name for link in serving)}; resolve it to one")
+        if tried and not (serving := [link for link in serving if link.name not in tried]):
+            raise HttpError(503, f"every gateway serving {resource} went offline", "gateway_offline")
+        if serving:
+            fewest = min(link.sessions for link in serving)
+            return random.choice([link for link in serving if link.sessions == fewest])
         usable = {r.name for link in announcing for r in link.resources or () if r.allows(user)}
         raise HttpError(404, f"unknown resource {resource}; resources you may use: {_names(usable)}")
 
-    async def _forward(self, link: GatewayLink, user: str, action: Action) -> web.Response:
+    async def _forward(self, link: GatewayLink | RemoteGateway, user: str, action: Action) -> dict[str, Any]:
         """Send a validated action to `link`, binding its conversation; the reply names the gateway.
         The gateway's reply decides the binding: accepted, it stands; refused, a tentative one is undone."""
         if action.kind == "offer" and not self.settings.may_serve(link.name, action.data.get("resource")):
@@ -474,17 +703,35 @@ class Router:
             raise
         else:
             if conversation is not None and conversation.gateway == link.name:
+                if not conversation.confirmed and self.settings.state_url:
+                    await self._record_gateway(conversation)
                 conversation.confirm()
         finally:
             if action.kind == "close":  # the client is done with it, whatever the gateway said
                 self._drop(action.conversation_id)
         # The gateway's name, version and capabilities ride on every reply, so a client never
         # pays a separate round trip to learn them (nor, addressing by resource, the gateway).
-        return web.json_response({"ok": True, "data": data, "gateway": {
-            "name": link.name, "version": link.version, "capabilities": link.capabilities}})
+        return {"ok": True, "data": data, "gateway": {
+            "name": link.name, "version": link.version, "capabilities": link.capabilities}}
 
-    async def call(self, link: GatewayLink, user: str, action: Action) -> dict[str, Any]:
+    async def _record_gateway(self, conversation: Conversation) -> None:
+        """The confirmed gateway goes into the shared record, so a node taking over keeps it."""
+        try:
+            await self.state.rehome(conversation.id, ConversationRecord(conversation.owner, self.state.node,
+                                                                        conversation.gateway))
+        except StateUnavailable:
+            log.warning("router: conversation %s confirmed while the shared state was down", conversation.id)
+
+    async def call(self, link: GatewayLink | RemoteGateway, user: str, action: Action) -> dict[str, Any]:
         """Forward one action to a gateway and wait for its reply (504 after reply_timeout)."""
+        if isinstance(link, RemoteGateway):
+            reply = await self.state.request(link.node, {"type": "gateway_call", "gateway": link.name, "user": user,
+                                                         "action": _action_json(action)},
+                                             self.settings.reply_timeout + 1)
+            if reply.get("ok") is True:
+                return reply.get("data") if isinstance(reply.get("data"), dict) else {}
+            raise HttpError(_status(reply.get("status")), _one_line(reply.get("error") or "refused"),
+                            reply.get("code") if isinstance(reply.get("code"), str) else None)
         request_id = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         link.pending[request_id] = future
@@ -501,6 +748,12 @@ class Router:
             link.pending.pop(request_id, None)
         if reply.get("ok") is True:
             data = reply.get("data")
+            if action.kind == "offer" and action.conversation_id:
+                link.open.add(action.conversation_id)
+                self._announce(link)
+            elif action.kind == "close" and action.conversation_id in link.open:
+                link.open.discard(action.conversation_id)
+                self._announce(link)
             return data if isinstance(data, dict) else {}
         status = reply.get("status")
         if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
@@ -522,6 +775,8 @@ class Router:
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=4096)
         if not ws.can_prepare(request).ok:
             raise HttpError(400, "the conversation stream is a WebSocket; send an upgrade request")
+        if await self._home(conversation_id, user) != self.state.node:
+            await self._take_over(conversation_id, user)  # the stream's node holds the conversation
         conversation, _, _ = self._bind(conversation_id, user, None)
         await ws.prepare(request)
         self._sockets.add(ws)
@@ -539,9 +794,10 @@ class Router:
                 conversation.stream = None
                 # Nobody listens any more and no gateway will end it (none bound, or its gateway
                 # went offline and took the session with it): forget it, or it counts forever.
-                gone = conversation.gateway is None or conversation.gateway not in self.gateways
+                gone = conversation.gateway is None or not self._is_online(conversation.gateway)
                 if gone and self.conversations.get(conversation_id) is conversation:
                     del self.conversations[conversation_id]
+                    self._release(conversation_id)
         return ws
 
     # --- gateway link ----------------------------------------------------------------------
@@ -574,6 +830,7 @@ class Router:
             if self.gateways.get(link.name) is link:
                 del self.gateways[link.name]
                 log.warning("router: gateway %s went offline", link.name)
+                await self.state.withdraw(link.name)
             link.fail_pending(f"gateway {link.name} went offline")
         return ws
 
@@ -603,7 +860,9 @@ class Router:
             old.fail_pending(f"gateway {name} reconnected")
             await old.ws.close(code=CLOSE_REPLACED, message=b"replaced by a newer connection")
         if hello.get("conversations") is not None:
+            link.open = {c for c in hello["conversations"] if isinstance(c, str)}
             self._forget_unknown(name, hello["conversations"])
+        await self.state.announce(_presence(link, self.state.node))
         await ws.send_json({"type": "welcome"})
         log.info("router: gateway %s online (version %s, capabilities %s, %s)", name, link.version,
                  ",".join(capabilities) or "none",
@@ -651,16 +910,24 @@ class Router:
             if future is not None and not future.done():
                 future.set_result(message)
         elif message.get("type") == "event":
-            self._relay(link, message.get("conversation_id"), message.get("event"))
+            cid, event = message.get("conversation_id"), message.get("event")
+            if isinstance(cid, str) and isinstance(event, dict) and event.get("type") == "state" \
+                    and event.get("state") in ("closed", "failed") and cid in link.open:
+                link.open.discard(cid)
+                self._announce(link)
+            if isinstance(cid, str) and cid not in self.conversations and self.settings.state_url:
+                self._outgoing.put_nowait((link.name, cid, event))  # homed on another node
+            else:
+                self._relay(link.name, cid, event)
 
-    def _relay(self, link: GatewayLink, conversation_id: Any, event: Any) -> None:
+    def _relay(self, gateway: str, conversation_id: Any, event: Any) -> None:
         """A gateway event to the owner's stream (or kept until it opens)."""
         conversation = self.conversations.get(conversation_id) if isinstance(conversation_id, str) else None
-        if conversation is None or conversation.gateway != link.name:
-            log.debug("router: dropping an event from %s for an unknown conversation", link.name)
+        if conversation is None or conversation.gateway != gateway:
+            log.debug("router: dropping an event from %s for an unknown conversation", gateway)
             return
         if not isinstance(event, dict) or event.get("type") not in EVENT_TYPES:
-            client_errors.mistakes.warn(f"router: gateway {link.name} sent a malformed event")
+            client_errors.mistakes.warn(f"router: gateway {gateway} sent a malformed event")
             return
         conversation.touched = time.monotonic()
         conversation.deliver(event)
@@ -668,6 +935,35 @@ class Router:
             conversation.peer_live = event.get("state") == "connected"
             if event.get("state") in ("closed", "failed"):
                 self._drop(conversation.id)
+
+
+def _presence(link: GatewayLink, node: str) -> GatewayPresence:
+    resources = None if link.resources is None else tuple(
+        {"name": r.name, "kind": r.kind, "users": None if r.users is None else sorted(r.users)} for r in link.resources)
+    return GatewayPresence(link.name, node, link.version, tuple(link.capabilities), resources, link.sessions,
+                           link.linked_at)
+
+
+def _remote(presence: GatewayPresence) -> RemoteGateway:
+    """Another node's gateway; its resources were checked against the config at its hello there."""
+    resources = None if presence.resources is None else _announced(presence.name, list(presence.resources))
+    return RemoteGateway(presence.name, presence.node, presence.version, list(presence.capabilities),
+                         resources, presence.sessions)
+
+
+def _action_json(action: Action) -> dict[str, Any]:
+    return {"conversation_id": action.conversation_id or None, "kind": action.kind, "data": action.data,
+            "trickle_ice": action.trickle_ice}
+
+
+def _status(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 400 <= value <= 599 else 502
+
+
+def _quiet(task: asyncio.Future[Any]) -> None:
+    """A background state write that failed: the heartbeat or the TTL repairs it; just log it."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("router: a background state write failed (%s)", task.exception().__class__.__name__)
 
 
 def _announced(gateway: str, items: list[Any] | None) -> tuple[AnnouncedResource, ...] | None:
