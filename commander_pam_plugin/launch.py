@@ -10,9 +10,12 @@ import os
 import re
 import sys
 import threading
-from typing import Any
+from collections import deque
+from typing import Any, Callable
 
-from . import protocol
+from aiortc import RTCDataChannel
+
+from . import flow, protocol
 from .errors import PamError
 from .loop import BackgroundLoop
 from .peer import HIGH_WATER, LOW_WATER, ClientPeer
@@ -33,40 +36,146 @@ PHASE_NAMES = {
 }
 
 
+class TerminalFlow:
+    """Flow control of the terminal channel, both ways (docs/PROTOCOL.md section 5). Loop only.
+
+    Input waits in a local outbox until the gateway's credit (once it granted any) and the
+    channel's buffer allow it; the runner stops reading stdin while that outbox is full.
+    Output counts against this side's window, and credit goes back as stdout takes it.
+    """
+
+    def __init__(self, channel: RTCDataChannel) -> None:
+        self.channel = channel
+        self.credit = flow.SendCredit(None)
+        self.window = flow.ReceiveWindow(flow.DEFAULT_WINDOW)
+        self.queued = 0  # input bytes handed over and not yet sent (any thread, under _lock)
+        self._lock = threading.Lock()
+        self.writable = threading.Event()
+        self.writable.set()
+        self.on_writable: Callable[[], None] | None = None
+        self._outbox: deque[bytes | str] = deque()
+        self._announced = False
+        channel.bufferedAmountLowThreshold = LOW_WATER
+        channel.on("open", self._announce)
+        channel.on("bufferedamountlow", self._pump)
+        channel.on("close", self._on_close)
+        if channel.readyState == "open":
+            self._announce()
+
+    def _announce(self) -> None:
+        if not self._announced and self.channel.readyState == "open":
+            self._announced = True
+            self.channel.send(flow.credit_message(self.window.granted))
+            self._pump()
+
+    def take(self, message: Any) -> bool:
+        """Account for one arriving message; True if it was flow control (not for the runner)."""
+        if isinstance(message, bytes):
+            self.window.receive(len(message))
+            return False
+        if isinstance(message, str) and '"credit"' in message:
+            try:
+                op = protocol.parse_control_message(message)
+            except (protocol.ProtocolError, ValueError):
+                return False
+            limit = flow.parse_credit(op) if op["op"] == flow.CREDIT_OP else None
+            if limit is not None:
+                self.credit.grant(limit)
+                self._pump()
+                return True
+        return False
+
+    def delivered(self, size: int) -> None:
+        limit = self.window.deliver(size)
+        if limit is not None and self.channel.readyState == "open":
+            self.channel.send(flow.credit_message(limit))
+
+    def reserve(self, size: int) -> None:
+        """Called by the sending thread before send(): the bytes count as queued from now on."""
+        with self._lock:
+            self.queued += size
+            if self.queued >= HIGH_WATER:
+                self.writable.clear()
+
+    def send(self, item: bytes | str) -> None:
+        """Queue input (bytes reserved first) or an in-band message, in order; send what credit allows."""
+        self._outbox.append(item)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._outbox and self.channel.readyState == "open" and self.channel.bufferedAmount <= HIGH_WATER:
+            item = self._outbox[0]
+            if isinstance(item, bytes):
+                allowance = self.credit.allowance
+                if allowance == 0:
+                    break
+                if allowance is not None and len(item) > allowance:
+                    item, self._outbox[0] = item[:allowance], item[allowance:]
+                else:
+                    self._outbox.popleft()
+                self.credit.spend(len(item))
+                with self._lock:
+                    self.queued -= len(item)
+            else:
+                self._outbox.popleft()
+            self.channel.send(item)
+        self._update_writable()
+
+    def _update_writable(self) -> None:
+        with self._lock:
+            ready = self.queued < HIGH_WATER or self.channel.readyState != "open"
+            wake = ready and not self.writable.is_set()
+            if ready:
+                self.writable.set()
+            else:
+                self.writable.clear()
+        if wake and self.on_writable is not None:
+            self.on_writable()
+
+    def _on_close(self) -> None:
+        self._outbox.clear()
+        with self._lock:
+            self.queued = 0
+        self._update_writable()
+
+
+class FlowSessionRequest(protocol.SessionRequest):
+    """A terminal request that announces this client's terminal window (flow control, PROTOCOL.md
+    section 5), so the gateway is bounded from its first byte; older gateways ignore the field."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "window": flow.DEFAULT_WINDOW}
+
+
 class ChannelRemote:
     """RemoteEnd over the terminal data channel; called from the main thread, acts on the loop."""
 
-    def __init__(self, loop: BackgroundLoop, peer: ClientPeer) -> None:
+    def __init__(self, loop: BackgroundLoop, peer: ClientPeer, flow_control: TerminalFlow) -> None:
         self._loop = loop
         self._peer = peer
-        self._writable = threading.Event()
-        self._writable.set()
-        channel = peer.terminal
-        assert channel is not None
-        self._channel = channel
-        channel.bufferedAmountLowThreshold = LOW_WATER
-        channel.on("bufferedamountlow", self._writable.set)
-        channel.on("close", self._writable.set)
+        self._flow = flow_control
 
     def send(self, data: bytes) -> None:
-        self._writable.wait(30)
-        self._loop.call_soon(self._send_now, data)
+        self._flow.reserve(len(data))  # counted at once, so the runner stops reading stdin in time
+        self._loop.call_soon(self._flow.send, data)
 
-    def _send_now(self, data: bytes | str) -> None:
-        if self._channel.readyState != "open":
-            return
-        self._channel.send(data)
-        if self._channel.bufferedAmount > HIGH_WATER:
-            self._writable.clear()
+    def writable(self) -> bool:
+        return self._flow.writable.is_set()
+
+    def on_writable(self, callback: Callable[[], None]) -> None:
+        self._flow.on_writable = callback
+
+    def delivered(self, size: int) -> None:
+        self._loop.call_soon(self._flow.delivered, size)
 
     def send_eof(self) -> None:
-        self._loop.call_soon(self._send_now, protocol.control_message("eof"))
+        self._loop.call_soon(self._flow.send, protocol.control_message("eof"))
 
     def resize(self, cols: int, rows: int) -> None:
         self._loop.call_soon(lambda: self._peer.send_control("resize", cols=cols, rows=rows))
 
     def close(self) -> None:
-        self._writable.set()
+        self._flow.on_writable = None
 
 
 class _ProgressTiming:
@@ -108,8 +217,8 @@ def run_launch(ctx: Any, args: argparse.Namespace) -> int:
             raise PamError(f"{ref.name} is a {ref.kind} resource; pam launch opens ssh resources "
                            f"(use: pam tunnel start {ref.name})")
         timing.checkpoint("resource_resolved")
-        request = protocol.SessionRequest(mode="terminal", term=_terminal_type(), cols=cols, rows=rows,
-                                          command=args.command, pty=interactive)
+        request = FlowSessionRequest(mode="terminal", term=_terminal_type(), cols=cols, rows=rows,
+                                     command=args.command, pty=interactive)
         holder: dict[str, Any] = {}
 
         def on_peer(peer: ClientPeer) -> None:
@@ -125,7 +234,7 @@ def run_launch(ctx: Any, args: argparse.Namespace) -> int:
 
     ctx.hook.pam_session_event(event=SessionEvent(kind="opened", command="pam launch", resource=ref.name,
                                                   session_id=session.conversation_id, reason=None))
-    runner = TerminalRunner(ChannelRemote(runtime.loop, session.peer), stderr=stderr)
+    runner = TerminalRunner(ChannelRemote(runtime.loop, session.peer, holder["flow"]), stderr=stderr)
     holder["runner"] = runner
     runtime.loop.call_soon(holder["flush"])  # output that came before the runner existed
     runtime.loop.submit(_watch_loss(session.peer, runner))
@@ -150,6 +259,8 @@ def _attach(peer: ClientPeer, holder: dict[str, Any], total: ConnectTiming, cli:
     """
     pending: list[Any] = []
     first = threading.Event()
+    assert peer.terminal is not None
+    flow_control = holder["flow"] = TerminalFlow(peer.terminal)
 
     def deliver(item: Any) -> None:
         runner = holder.get("runner")
@@ -162,6 +273,8 @@ def _attach(peer: ClientPeer, holder: dict[str, Any], total: ConnectTiming, cli:
         _feed(runner, item)
 
     def on_message(message: Any) -> None:
+        if flow_control.take(message):
+            return
         if isinstance(message, bytes) and not first.is_set():
             first.set()
             progress.clear()

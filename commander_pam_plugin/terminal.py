@@ -51,6 +51,12 @@ class RemoteEnd(Protocol):
     def close(self) -> None:
         """The user disconnected, or the session is over."""
 
+    # Optional, for flow control (a remote without them is never back-pressured here):
+    # writable() -> bool: False while the remote holds too much unsent input; the runner then
+    #   stops reading stdin (it never blocks in send(), so output keeps flowing meanwhile);
+    # on_writable(callback): the remote calls callback() from any thread when writable again;
+    # delivered(size): `size` bytes of output reached stdout (the remote grants that much credit).
+
 
 def terminal_size(fd: int) -> tuple[int, int]:
     """(cols, rows) of the terminal on fd, clamped to the protocol's limit; (80, 24) if unknown."""
@@ -152,6 +158,15 @@ class TerminalRunner:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._writable = getattr(remote, "writable", lambda: True)
+        self._delivered = getattr(remote, "delivered", None)
+        if hasattr(remote, "on_writable"):
+            remote.on_writable(self._wake_from_remote)
+
+    def _wake_from_remote(self) -> None:
+        with self._lock:
+            if not self._finished:
+                self._wake()
 
     # -- called by the data plane, from its threads --------------------------------------
 
@@ -200,6 +215,7 @@ class TerminalRunner:
         with _new_selector() as selector:
             selector.register(self._wake_r, selectors.EVENT_READ)
             selector.register(self._stdin_fd, selectors.EVENT_READ)
+            self._stdin_open, reading = True, True
             while True:
                 if self._winched:  # before typed input, so a command sees the new size
                     self._winched = False
@@ -207,6 +223,14 @@ class TerminalRunner:
                 outcome = self._drain_events()
                 if outcome is not None:
                     return outcome
+                # Back-pressure: stop reading stdin while the remote cannot take more input.
+                want = self._stdin_open and self._writable()
+                if want != reading:
+                    if want:
+                        selector.register(self._stdin_fd, selectors.EVENT_READ)
+                    else:
+                        selector.unregister(self._stdin_fd)
+                    reading = want
                 ready = {key.fd for key, _ in selector.select()}
                 if self._wake_r in ready:
                     _drain_pipe(self._wake_r)
@@ -222,6 +246,8 @@ class TerminalRunner:
             if isinstance(event, bytes):
                 if not self._write_output(event):
                     return SIGPIPE_STATUS, None  # stdout closed: end quietly, like `ssh | head`
+                if self._delivered is not None:
+                    self._delivered(len(event))
             elif isinstance(event, int):
                 return event, None
             else:
@@ -235,7 +261,7 @@ class TerminalRunner:
         if data is None:
             return None
         if not data:  # end of input: the remote hears it once and we keep pumping output
-            selector.unregister(self._stdin_fd)
+            self._stdin_open = False  # the loop stops selecting it
             self._remote.send_eof()
             return None
         return self._send_typed(data, escapes)

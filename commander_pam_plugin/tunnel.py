@@ -16,7 +16,7 @@ from typing import Any, Callable
 from aiortc import RTCDataChannel
 from aiortc.exceptions import InvalidStateError
 
-from . import protocol
+from . import flow, protocol
 from .loop import half_close
 from .peer import HIGH_WATER, LOW_WATER, ClientPeer
 
@@ -38,33 +38,54 @@ class TunnelStats:
 
 
 class ChannelPump:
-    """Moves bytes between one local TCP connection and one data channel, both ways, with half-close."""
+    """Moves bytes between one local TCP connection and one data channel, both ways, with half-close.
+
+    Flow control (docs/PROTOCOL.md section 5): upstream reads the local socket only within
+    the gateway's credit (a gateway that announced no window is not limited) and while the
+    channel's buffer is under the high-water mark; downstream grants the gateway credit as
+    the local application reads. An end that is not the remote's eof (gateway lost, target
+    reset, stream error) resets the local connection instead of closing it with a FIN.
+    """
 
     def __init__(self, channel: RTCDataChannel, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 stats: TunnelStats) -> None:
+                 stats: TunnelStats, send_limit: int | None = None, window: int = flow.DEFAULT_WINDOW) -> None:
         self.channel = channel
         self.reader = reader
         self.writer = writer
         self.stats = stats
+        self.credit = flow.SendCredit(send_limit)
+        self.window = flow.ReceiveWindow(window)
         self._inbound: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._writable = asyncio.Event()
         self._writable.set()
         self._closed = asyncio.Event()
+        self._remote_eof = False
         channel.bufferedAmountLowThreshold = LOW_WATER
         channel.on("bufferedamountlow", self._writable.set)
         channel.on("message", self._on_message)
         channel.on("close", self._on_close)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes this pump holds for the local application (received, not yet written out)."""
+        return self.window.buffered
+
     def _on_message(self, message: Any) -> None:
         if isinstance(message, bytes):
             self.stats.bytes_in += len(message)
+            self.window.receive(len(message))
             self._inbound.put_nowait(message)
             return
         try:
             op = protocol.parse_control_message(message)
-        except protocol.ProtocolError:
+        except (protocol.ProtocolError, ValueError):
             return
-        if op["op"] == "eof":
+        if op["op"] == flow.CREDIT_OP:
+            limit = flow.parse_credit(op)
+            if limit is not None:
+                self.credit.grant(limit)
+        elif op["op"] == "eof":
+            self._remote_eof = True
             self._inbound.put_nowait(None)
         elif op["op"] == "error":
             self.stats.last_error = str(op.get("reason", "stream error"))[:200]
@@ -73,34 +94,49 @@ class ChannelPump:
     def _on_close(self) -> None:
         self._closed.set()
         self._writable.set()
+        self.credit.close()
         self._inbound.put_nowait(None)
 
     async def run(self) -> None:
         upstream = asyncio.ensure_future(self._upstream())
         downstream = asyncio.ensure_future(self._downstream())
+        closed = asyncio.ensure_future(self._closed.wait())
         try:
-            await downstream  # ends on the remote's EOF, or when the channel closes
+            # ends on the remote's EOF, or when the channel closes; an abnormal close does not
+            # wait for a local application that stopped reading (it gets a reset instead)
+            await asyncio.wait({downstream, closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not downstream.done() and not self._remote_eof:
+                downstream.cancel()
+            await asyncio.gather(downstream, return_exceptions=True)
             if self._closed.is_set():
                 upstream.cancel()
             await asyncio.gather(upstream, return_exceptions=True)
         finally:
+            closed.cancel()
             upstream.cancel()
             downstream.cancel()
             if self.channel.readyState == "open":
                 self.channel.close()
-            self.writer.close()
+            if self._remote_eof:
+                self.writer.close()
+            else:
+                flow.reset_connection(self.writer)
 
     async def _upstream(self) -> None:
-        """Local -> channel, pausing while the channel's buffer is over the high-water mark."""
+        """Local -> channel, within the gateway's credit and under the channel's high-water mark."""
         try:
             while not self._closed.is_set():
-                data = await self.reader.read(READ_CHUNK)
+                allowance = await self.credit.wait()
+                if self._closed.is_set():
+                    return
+                data = await self.reader.read(READ_CHUNK if allowance is None else min(READ_CHUNK, allowance))
                 if self._closed.is_set():
                     return
                 if not data:
                     self.channel.send(EOF_MESSAGE)
                     return
                 self.channel.send(data)
+                self.credit.spend(len(data))
                 self.stats.bytes_out += len(data)
                 if self.channel.bufferedAmount > HIGH_WATER:
                     self._writable.clear()
@@ -111,7 +147,7 @@ class ChannelPump:
             self._fail(f"local connection failed: {exc.__class__.__name__}")
 
     async def _downstream(self) -> None:
-        """Channel -> local, in order, with the local socket's own back-pressure."""
+        """Channel -> local, in order, with the local socket's own back-pressure; credit as it drains."""
         try:
             while True:
                 data = await self._inbound.get()
@@ -121,6 +157,9 @@ class ChannelPump:
                     return
                 self.writer.write(data)
                 await self.writer.drain()
+                limit = self.window.deliver(len(data))
+                if limit is not None and self.credit.limit is not None and self.channel.readyState == "open":
+                    self.channel.send(flow.credit_message(limit))
         except (ConnectionError, OSError) as exc:
             self._fail(f"local connection failed: {exc.__class__.__name__}")
 
@@ -151,7 +190,8 @@ class Tunnel:
     on_lost: Callable[["Tunnel"], None] | None = None
     _server: asyncio.AbstractServer | None = None
     _ready: asyncio.Event | None = None
-    _pending: dict[int, asyncio.Future[str | None]] = field(default_factory=dict)
+    _pending: dict[int, asyncio.Future[tuple[str | None, int | None]]] = field(default_factory=dict)
+    _pumps: dict[int, ChannelPump] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _watch: asyncio.Task[None] | None = None
 
@@ -187,9 +227,9 @@ class Tunnel:
         if future is None or future.done():
             return
         if message["op"] == "opened":
-            future.set_result(None)
+            future.set_result((None, flow.parse_window(message.get("window"))))
         elif message["op"] == "refused":
-            future.set_result(str(message.get("reason") or "refused by the target"))
+            future.set_result((str(message.get("reason") or "refused by the target"), None))
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -203,13 +243,14 @@ class Tunnel:
                 return
             peer: ClientPeer = self.session.peer
             channel = peer.open_stream()
-            future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[tuple[str | None, int | None]] = asyncio.get_running_loop().create_future()
             self._pending[channel.id] = future
-            peer.send_control("open", id=channel.id)
+            # "window": this side grants credit (a gateway without flow control ignores it)
+            peer.send_control("open", id=channel.id, window=flow.DEFAULT_WINDOW)
             try:
-                refusal = await asyncio.wait_for(future, OPEN_TIMEOUT_S)
+                refusal, gateway_window = await asyncio.wait_for(future, OPEN_TIMEOUT_S)
             except asyncio.TimeoutError:
-                refusal = "the gateway did not open the connection in time"
+                refusal, gateway_window = "the gateway did not open the connection in time", None
             finally:
                 self._pending.pop(channel.id, None)
             if refusal is not None:
@@ -218,7 +259,12 @@ class Tunnel:
                 log.info("tunnel %s: connection refused: %s", self.id, refusal)
                 channel.close()
                 return
-            await ChannelPump(channel, reader, writer, self.stats).run()
+            pump = ChannelPump(channel, reader, writer, self.stats, send_limit=gateway_window)
+            self._pumps[channel.id] = pump
+            try:
+                await pump.run()
+            finally:
+                self._pumps.pop(channel.id, None)
         except asyncio.CancelledError:
             # Only our own stop cancels this handler. End it normally: Python < 3.12 calls
             # task.exception() on a cancelled start_server handler and logs a bogus error.

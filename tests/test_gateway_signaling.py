@@ -123,7 +123,7 @@ def test_tunnel_streams_half_close_and_refusal(gateway):
         async with client(gateway) as c:
             session = await connect(c, gateway.gateway_name, "echo")
             channel, reply = await session.peer.open_stream(4)
-            assert reply == {"op": "opened", "id": 4}
+            assert (reply["op"], reply["id"]) == ("opened", 4)  # and its flow-control "window"
             payload = bytes(range(256)) * 1024  # 256 KiB: several 16 KiB messages each way
             channel.send(payload)
             channel.send_control("eof")
@@ -146,8 +146,10 @@ def test_control_channel_ping(gateway):
     async def main():
         async with client(gateway) as c:
             session = await connect(c, gateway.gateway_name, "echo")
-            session.peer.control.send("not json")  # ignored, never fatal
+            session.peer.control.send("not json")  # refused with a reason, never fatal
             session.peer.control.send_control("ping")
+            refused = await session.peer.control.receive()
+            assert refused["op"] == "refused" and "not valid JSON" in refused["reason"]
             assert await session.peer.control.receive() == {"op": "pong"}
             await session.close(c, gateway.gateway_name)
     run(main())

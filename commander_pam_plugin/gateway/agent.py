@@ -21,7 +21,11 @@ from ..protocol import (ALL_CAPABILITIES, CAP_BATCH, CAP_TRICKLE, GATEWAY_VERSIO
                         Action, CandidateBatch, ProtocolError, parse_json, validate_action,
                         validate_icecandidate_data, validate_offer_data)
 from .answerer import MAX_REMOTE_CANDIDATES, AnswerSession
+from ..flow import parse_window
+from ..protocol import candidate_from_wire
+from .candidate_policy import CandidatePolicy
 from .config import GatewaySettings
+from .limits import ConnectionQuota, descriptor_limit
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,11 @@ class GatewayAgent:
         default_caps: tuple[str, ...] = () if settings.legacy else ALL_CAPABILITIES
         self.capabilities = list(settings.capabilities if settings.capabilities is not None else default_caps)
         self.sessions: dict[str, AnswerSession] = {}
+        self.descriptor_limit = descriptor_limit()
+        self.limits = settings.limits.resolved(self.descriptor_limit)
+        self.connections = ConnectionQuota(self.limits)  # shared by every session of this gateway
+        self.candidate_policy = CandidatePolicy.for_gateway(settings, self.limits.allow_loopback_candidates,
+                                                            self.router_url)
         # Remote candidates applied per conversation (kept after a session ends, for tests).
         self.applied_candidates: OrderedDict[str, list[dict[str, str]]] = OrderedDict()
         # Set while the router has welcomed us / while we have no link (tests wait on both).
@@ -124,6 +133,9 @@ class GatewayAgent:
             self.offline.clear()
             self.online.set()
             log.info("gateway %s online at %s (version %s)", self.name, self.router_url, self.version)
+            log.info("gateway %s: descriptor limit %d: at most %d target connections, %d per user, "
+                     "%d streams per session", self.name, self.descriptor_limit, self.limits.connections_per_gateway,
+                     self.limits.connections_per_user, self.limits.streams_per_session)
             writer = asyncio.ensure_future(self._write(ws))
             try:
                 async for message in ws:
@@ -254,7 +266,9 @@ class GatewayAgent:
             raise ProtocolError(503, f"gateway {self.name} is at its limit of {MAX_SESSIONS} sessions",
                                 "unavailable")
         session = AnswerSession(cid, user, resource, offer.session, self.settings,
-                                lambda event: self.emit(cid, event), self._session_ended)
+                                lambda event: self.emit(cid, event), self._session_ended,
+                                limits=self.limits, connections=self.connections, router_url=self.router_url,
+                                client_window=_session_window(action.data))
         self.sessions[cid] = session
         log.info("conversation %s (%s, %s) opened: %s", cid, user, resource.name, offer.session.mode)
         self.applied_candidates[cid] = session.remote_candidates
@@ -309,13 +323,25 @@ class GatewayAgent:
             raise ProtocolError(403, f"conversation {cid} belongs to another user", "forbidden")
         if len(early.items) + len(candidates) > MAX_REMOTE_CANDIDATES:
             raise ProtocolError(400, f"more than {MAX_REMOTE_CANDIDATES} candidates for one conversation")
-        early.items.extend((c, via) for c in candidates)
+        # Counted as applied only if the session will hand them to ICE (same rules as its own).
+        taken = [c for c in candidates if not early.end and self._checkable(c)]
+        early.items.extend((c, via) for c in taken)
         early.end = early.end or end
-        return len(candidates)
+        return len(taken)
+
+    def _checkable(self, wire: dict[str, Any]) -> bool:
+        candidate = candidate_from_wire(wire)
+        return self.candidate_policy.refusal(candidate.ip, candidate.port) is None
 
     def _session_ended(self, session: AnswerSession) -> None:
         if self.sessions.get(session.conversation_id) is session:
             del self.sessions[session.conversation_id]
+
+
+def _session_window(data: Any) -> int | None:
+    """The terminal window a flow-control client announces in its offer's session (PROTOCOL.md 5)."""
+    session = data.get("session") if isinstance(data, dict) else None
+    return parse_window(session.get("window")) if isinstance(session, dict) else None
 
 
 def _message_type(text: str) -> Any:

@@ -8,7 +8,6 @@ applied are queued, because aiortc silently drops them.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import Any, Callable
 
@@ -19,23 +18,20 @@ from ..protocol import (CONTROL_CHANNEL_ID, FIRST_STREAM_ID, MAX_STREAM_ID, MAX_
                         TERMINAL_CHANNEL_ID, CandidateBatch, ProtocolError, SessionRequest,
                         candidate_from_wire, control_message, parse_control_message,
                         split_sdp_candidates)
+from ..flow import BufferBudget, parse_window
+from .candidate_policy import CandidatePolicy
 from .config import GatewaySettings, Resource
+from .limits import ConnectionQuota, GatewayLimits, RateBucket
 from .recording import AsciicastRecorder
 from .targets import ChannelPipe, SshTerminal, TcpStream
 
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
-# Each remote candidate costs ICE checks; an honest client has a handful.
+# What one conversation may send (queued or applied) before the router refuses with 400; how
+# many of them ICE checks is limits.max_remote_candidates.
 MAX_REMOTE_CANDIDATES = 256
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+REFUSAL_NOTICE_S = 1.0  # at most one "over the rate" notice per session this often
 
 
 class AnswerSession:
@@ -43,9 +39,25 @@ class AnswerSession:
 
     def __init__(self, conversation_id: str, user: str, resource: Resource, request: SessionRequest,
                  settings: GatewaySettings, emit: Callable[[Event], None],
-                 on_end: Callable[[AnswerSession], None]) -> None:
+                 on_end: Callable[[AnswerSession], None], *, limits: GatewayLimits | None = None,
+                 connections: ConnectionQuota | None = None, router_url: str | None = None,
+                 client_window: int | None = None) -> None:
         self.conversation_id, self.user, self.resource, self.request = conversation_id, user, resource, request
         self.settings = settings
+        self.limits = limits or settings.limits.resolved()
+        self.connections = connections or ConnectionQuota(self.limits)
+        self.budget = BufferBudget(self.limits.session_buffer_bytes)
+        self.candidate_policy = CandidatePolicy.for_gateway(settings, self.limits.allow_loopback_candidates,
+                                                            router_url)
+        self.dropped_candidates: list[dict[str, str]] = []  # (candidate, reason): diagnostics and tests
+        self._control_rate = RateBucket(self.limits.control_messages_per_s, 2 * self.limits.control_messages_per_s,
+                                        asyncio.get_event_loop().time())
+        self._last_notice = float("-inf")
+        self._pending_size: tuple[int, int] | None = None
+        self._resize_timer: asyncio.TimerHandle | None = None
+        self._last_resize = float("-inf")
+        self.resizes_applied = 0
+        self._client_window = client_window  # terminal: the credit the client's offer announced
         self._emit, self._on_end = emit, on_end
         # Every remote candidate handed to aiortc, in order: {"candidate": "candidate:...", "via": ...}
         # where via is "sdp", "batch" or "single". Tests and diagnostics read it.
@@ -89,7 +101,12 @@ class AnswerSession:
         channel = self.pc.createDataChannel("terminal", negotiated=True, id=TERMINAL_CHANNEL_ID)
         self.ssh = SshTerminal(self.resource, self.request, recorder, self.settings.redact)
         self.ssh.start()
-        self._spawn(self.ssh.run(ChannelPipe(channel)))
+        self._spawn(self.ssh.run(self._pipe(channel, self._client_window, announce=True)))
+
+    def _pipe(self, channel: RTCDataChannel, send_limit: int | None, announce: bool = False) -> ChannelPipe:
+        """A stream with this gateway's window, bounds and the session's buffer budget."""
+        return ChannelPipe(channel, send_limit=send_limit, window=self.limits.stream_window,
+                           bound=self.limits.stream_buffer_bytes, budget=self.budget, announce=announce)
 
     # --- signaling -------------------------------------------------------------------------
 
@@ -97,14 +114,17 @@ class AnswerSession:
         """setRemoteDescription, then every candidate queued so far (SDP ones first)."""
         bare, sdp_candidates, end = split_sdp_candidates(sdp)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=bare, type="offer"))
-        self._queued[:0] = [(c, "sdp") for c in sdp_candidates]
-        self._queued_end = self._queued_end or end
+        early, self._queued = self._queued, []
+        queued_end, self._queued_end = self._queued_end, False
+        admitted = [(c, "sdp") for c in sdp_candidates if self._admit(c, len(self._queued))]
+        self._queued = admitted + early
+        self._queued_end = queued_end or end
         # Candidates may keep arriving while these are applied; drain until none is left,
         # then flip to direct application with no await in between.
         while self._queued:
             batch, self._queued = self._queued, []
             for candidate, via in batch:
-                await self._apply(candidate, via)
+                await self._apply(candidate, via, admitted=True)
         self._offer_applied = True
         if self._queued_end:
             await self._end_candidates()
@@ -117,32 +137,51 @@ class AnswerSession:
         return self.pc.localDescription.sdp
 
     async def add_candidates(self, batch: CandidateBatch, via: str) -> int:
-        """Apply (or queue, before the offer) a batch or single candidate; returns how many were taken."""
+        """Apply (or queue, before the offer) a batch or single candidate; returns how many will be
+        checked (dropped ones, by policy or after end-of-candidates, are not counted)."""
         candidates = batch.candidates
         if len(self.remote_candidates) + len(self._queued) + len(candidates) > MAX_REMOTE_CANDIDATES:
             raise ProtocolError(400, f"more than {MAX_REMOTE_CANDIDATES} candidates for one conversation")
+        taken = 0
         if not self._offer_applied:
-            self._queued.extend((c, via) for c in candidates)
+            for candidate in candidates:
+                if self._admit(candidate, len(self._queued)):
+                    self._queued.append((candidate, via))
+                    taken += 1
             self._queued_end = self._queued_end or batch.end_of_candidates
-            return len(candidates)
+            return taken
         for candidate in candidates:
-            await self._apply(candidate, via)
+            taken += await self._apply(candidate, via)
         if batch.end_of_candidates:
             await self._end_candidates()
-        return len(candidates)
+        return taken
 
-    async def _apply(self, wire: dict[str, Any], via: str) -> None:
-        if self._remote_end or self._closing:
-            return
+    def _admit(self, wire: dict[str, Any], waiting: int = 0) -> bool:
+        """Policy, end-of-candidates and the per-conversation cap; a dropped candidate is recorded."""
+        reason = None
+        if self._remote_end or self._queued_end:
+            reason = "after end-of-candidates"
+        elif len(self.remote_candidates) + waiting >= self.limits.max_remote_candidates:
+            reason = f"over {self.limits.max_remote_candidates} candidates for one conversation"
+        else:
+            candidate = candidate_from_wire(wire)
+            reason = self.candidate_policy.refusal(candidate.ip, candidate.port)
+        if reason is not None:
+            self.dropped_candidates.append({"candidate": wire["candidate"], "reason": reason})
+            log.debug("conversation %s: candidate dropped: %s", self.conversation_id, reason)
+            return False
+        return True
+
+    async def _apply(self, wire: dict[str, Any], via: str, admitted: bool = False) -> int:
+        """1 if the candidate was handed to ICE, else 0."""
+        if self._closing or not (admitted or self._admit(wire)):
+            return 0
         candidate = candidate_from_wire(wire)
-        if not _is_ip_literal(candidate.ip):
-            # mDNS names would make aioice send multicast queries; only literal addresses are used.
-            log.debug("conversation %s: skipping candidate with a host name", self.conversation_id)
-            return
         if candidate.sdpMid is None and candidate.sdpMLineIndex is None:
             candidate.sdpMLineIndex = 0
         await self.pc.addIceCandidate(candidate)
         self.remote_candidates.append({"candidate": wire["candidate"], "via": via})
+        return 1
 
     async def _end_candidates(self) -> None:
         if not self._remote_end and not self._closing:
@@ -174,6 +213,8 @@ class AnswerSession:
             return
         self._closing = True
         self._cancel_ice_timer()
+        if self._resize_timer is not None:
+            self._resize_timer.cancel()
         if self.ssh is not None:
             self.ssh.close()
         current = asyncio.current_task()
@@ -193,55 +234,121 @@ class AnswerSession:
         if self._control.readyState == "open":
             self._control.send(control_message(op, **fields))
 
+    def _refuse(self, reason: str, **fields: Any) -> None:
+        """A `refused` to this session's client only; the session goes on."""
+        self._send_control("refused", reason=reason, **fields)
+
     def _on_control(self, message: Any) -> None:
+        """Every control message is answered or refused with a reason; none ends the session."""
+        try:
+            self._handle_control(message)
+        except Exception:  # a bug here must cost one message, never the session
+            log.warning("conversation %s: control message failed", self.conversation_id, exc_info=True)
+            self._refuse("the gateway could not handle that control message")
+
+    def _handle_control(self, message: Any) -> None:
         if not isinstance(message, str):
+            self._refuse("control messages are JSON text")
             return
         try:
             msg = parse_control_message(message)
-        except ProtocolError as exc:
-            log.debug("conversation %s: bad control message: %s", self.conversation_id, exc.message)
+        except (ProtocolError, ValueError, RecursionError) as exc:
+            reason = exc.message if isinstance(exc, ProtocolError) else "control message is not valid JSON"
+            self._refuse(reason)
             return
         op = msg["op"]
+        if op == "resize" and self.ssh is not None:
+            self._resize(msg.get("cols"), msg.get("rows"))  # coalesced, so never rate-refused
+            return
+        now = asyncio.get_running_loop().time()
+        if not self._control_rate.take(now):
+            if op == "open" and _is_stream_id(msg.get("id")):  # the client waits for this id's answer
+                self._refuse(f"over {self.limits.control_messages_per_s:g} control messages per second",
+                             id=msg["id"])
+            elif now - self._last_notice >= REFUSAL_NOTICE_S:
+                self._last_notice = now
+                self._refuse(f"over {self.limits.control_messages_per_s:g} control messages per second; "
+                             "some were dropped")
+            return
         if op == "ping":
             self._send_control("pong")
         elif op == "open" and self.request.mode == "tunnel":
-            self._spawn(self._open_stream(msg.get("id")))
-        elif op == "resize" and self.ssh is not None:
-            cols, rows = msg.get("cols"), msg.get("rows")
-            if all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_TERMINAL_SIZE
-                   for v in (cols, rows)):
-                self.ssh.resize(cols, rows)
-        elif op != "pong":
-            log.debug("conversation %s: ignoring control op %r", self.conversation_id, op[:32])
+            self._spawn(self._open_stream(msg.get("id"), parse_window(msg.get("window"))))
+        elif op == "pong":
+            pass
+        else:
+            self._refuse(f"unknown control op {op[:32]!r} for a {self.request.mode} session",
+                         **({"id": msg["id"]} if _is_stream_id(msg.get("id")) else {}))
 
-    async def _open_stream(self, stream_id: Any) -> None:
+    def _resize(self, cols: Any, rows: Any) -> None:
+        """Keep the newest size; apply it at most resizes_per_s times a second (the last one always)."""
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_TERMINAL_SIZE
+                   for v in (cols, rows)):
+            now = asyncio.get_running_loop().time()
+            if now - self._last_notice >= REFUSAL_NOTICE_S:
+                self._last_notice = now
+                self._refuse(f"resize needs cols and rows, integers from 1 to {MAX_TERMINAL_SIZE}")
+            return
+        self._pending_size = (cols, rows)
+        if self._resize_timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._last_resize + 1.0 / self.limits.resizes_per_s
+        if due <= loop.time():
+            self._apply_resize()  # at once: a ping after a lone resize still finds it applied
+        else:
+            self._resize_timer = loop.call_at(due, self._apply_resize)
+
+    def _apply_resize(self) -> None:
+        self._resize_timer = None
+        size, self._pending_size = self._pending_size, None
+        if size is None or self.ssh is None or self._closing:
+            return
+        self._last_resize = asyncio.get_running_loop().time()
+        self.resizes_applied += 1
+        self.ssh.resize(*size)
+
+    async def _open_stream(self, stream_id: Any, client_window: int | None = None) -> None:
         """open N: channel N to a fresh TCP connection; opened or refused, never both."""
-        if not isinstance(stream_id, int) or isinstance(stream_id, bool) \
-                or not FIRST_STREAM_ID <= stream_id <= MAX_STREAM_ID:
-            self._send_control("refused", id=stream_id if isinstance(stream_id, int) else None,
-                               reason=f"stream id must be an integer from {FIRST_STREAM_ID} to {MAX_STREAM_ID}")
+        if not _is_stream_id(stream_id):
+            self._refuse(f"stream id must be an integer from {FIRST_STREAM_ID} to {MAX_STREAM_ID}",
+                         id=stream_id if type(stream_id) is int and abs(stream_id) < 2 ** 31 else None)
             return
         if stream_id in self.streams:
-            self._send_control("refused", id=stream_id, reason=f"stream {stream_id} is already open")
+            self._refuse(f"stream {stream_id} is already open", id=stream_id)
+            return
+        if len(self.streams) >= self.limits.streams_per_session:
+            self._refuse(f"this session has {self.limits.streams_per_session} open streams, its limit",
+                         id=stream_id)
+            return
+        quota = self.connections.acquire(self.user)
+        if quota is not None:
+            log.warning("conversation %s (%s): stream refused: %s", self.conversation_id, self.user, quota)
+            self._refuse(quota, id=stream_id)
             return
         try:
-            channel: RTCDataChannel = self.pc.createDataChannel(f"stream-{stream_id}", negotiated=True,
-                                                                id=stream_id)
-        except ValueError:
-            self._send_control("refused", id=stream_id, reason=f"stream {stream_id} is still closing")
-            return
-        stream = TcpStream(ChannelPipe(channel), self.resource.host, self.resource.port)
-        self.streams[stream_id] = stream
-        try:
+            try:
+                channel: RTCDataChannel = self.pc.createDataChannel(f"stream-{stream_id}", negotiated=True,
+                                                                    id=stream_id)
+            except ValueError:
+                self._refuse(f"stream {stream_id} is still closing", id=stream_id)
+                return
+            stream = TcpStream(self._pipe(channel, client_window), self.resource.host, self.resource.port)
+            self.streams[stream_id] = stream
             try:
                 await stream.connect()
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = (f"{self.resource.name} refused the connection" if isinstance(exc, ConnectionRefusedError)
                           else f"cannot connect to {self.resource.name} ({exc.__class__.__name__})")
-                self._send_control("refused", id=stream_id, reason=reason)
+                self._refuse(reason, id=stream_id)
                 stream.pipe.close()
                 return
-            self._send_control("opened", id=stream_id)
+            self._send_control("opened", id=stream_id, window=self.limits.stream_window)
             await stream.run()
         finally:
             self.streams.pop(stream_id, None)
+            self.connections.release(self.user)
+
+
+def _is_stream_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and FIRST_STREAM_ID <= value <= MAX_STREAM_ID

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from .. import rtc
 from ..protocol import ALL_CAPABILITIES, MAX_CONVERSATIONS_PER_USER, check_name
+from .limits import GatewayLimits, limits_from_table
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -125,6 +126,7 @@ class GatewaySettings:
     recordings_dir: Path = Path("recordings")
     ice_timeout: float = DEFAULT_ICE_TIMEOUT_S
     resources: tuple[Resource, ...] = ()
+    limits: GatewayLimits = field(default_factory=GatewayLimits)  # [gateway.limits], see limits.py
 
     def resource(self, name: str) -> Resource | None:
         return next((r for r in self.resources if r.name == name), None)
@@ -373,7 +375,7 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
             raise root.error("resources", "resources need a [gateway] table")
         return None
     reader.reject_unknown({"name", "token", "router_url", "legacy", "capabilities", "host_addresses",
-                           "ice_servers", "recordings_dir", "ice_timeout"})
+                           "ice_servers", "recordings_dir", "ice_timeout", "limits"})
     router_url = reader.get("router_url", str)
     if router_url is not None and not router_url.startswith(("http://", "https://")):
         raise reader.error("router_url", "must start with http:// or https://")
@@ -404,7 +406,7 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
                            host_addresses=addresses, ice_servers=ice_servers,
                            recordings_dir=reader.path("recordings_dir", "recordings"),
                            ice_timeout=reader.number("ice_timeout", DEFAULT_ICE_TIMEOUT_S, 0.1, 600),
-                           resources=tuple(resources))
+                           resources=tuple(resources), limits=limits_from_table(reader.table_at("limits")))
 
 
 def config_from_dict(data: Mapping[str, Any], source: str = "<config>", base: Path | None = None) -> Config:

@@ -1,8 +1,9 @@
 """What sits behind a stream channel: a TCP connection (tunnel) or an SSH session (terminal).
 
 Both pump bytes between one data channel and the target, with the protocol's flow control:
-stop reading the target while the channel holds more than 1 MiB unsent, resume at 256 KiB,
-send at most 16 KiB per message, and write to the target with drain. Text messages on the
+send only within the client's credit, stop reading the target while the channel holds more
+than 1 MiB unsent (resume at 256 KiB), send at most 16 KiB per message, write to the target
+with drain and grant credit back as it drains. Text messages on the
 channel are in-band control, ordered with the bytes (eof, exit, error).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Awaitable, Callable
 import asyncssh
 from aiortc import RTCDataChannel
 
+from ..flow import CREDIT_OP, reset_connection, DEFAULT_WINDOW, BufferBudget, ReceiveWindow, SendCredit, credit_message, parse_credit
 from ..loop import half_close
 from ..protocol import ProtocolError, SessionRequest, control_message, parse_control_message
 from .config import Resource
@@ -27,6 +29,9 @@ CHUNK = 16 * 1024
 READ_SIZE = 64 * 1024
 TCP_CONNECT_TIMEOUT_S = 10.0
 SSH_CONNECT_TIMEOUT_S = 15.0
+# What the SSH server may send before the gateway reads it: one flow-control window, so a slow
+# client holds the gateway at about two windows per terminal (asyncssh's default is 2 MiB).
+SSH_WINDOW = DEFAULT_WINDOW
 
 
 class ChannelClosed(Exception):
@@ -34,23 +39,71 @@ class ChannelClosed(Exception):
 
 
 class ChannelPipe:
-    """One stream channel seen as an ordered inbox and a back-pressured outbox."""
+    """One stream channel seen as an ordered inbox and a back-pressured outbox.
 
-    def __init__(self, channel: RTCDataChannel) -> None:
+    Flow control both ways (docs/PROTOCOL.md section 5): sends wait for the client's credit
+    (once it has granted any) and for `bufferedAmount` to fall; received bytes count against
+    this stream's window and bound (and the session's budget), and credit goes back to the
+    client as the target takes them (`delivered`). Credit messages are handled here, at
+    arrival, so a target that does not read never delays credit for the other direction.
+    """
+
+    def __init__(self, channel: RTCDataChannel, *, send_limit: int | None = None,
+                 window: int = DEFAULT_WINDOW, bound: int | None = None,
+                 budget: BufferBudget | None = None, announce: bool = False) -> None:
         self.channel = channel
-        self._inbox: asyncio.Queue[bytes | str | None] = asyncio.Queue()
+        self.credit = SendCredit(send_limit)
+        self.window = ReceiveWindow(window, bound, budget)
+        self.failure = ""
+        # Credit goes only to a client that announced a window: an older one sees the old protocol.
+        self._grants = send_limit is not None
+        self._announce = announce  # terminal: no open/opened, so the first window goes in-band
+        self._inbox: asyncio.Queue[bytes | dict[str, Any] | None] = asyncio.Queue()
         self._drained = asyncio.Event()
         self._opened = asyncio.Event()
+        self.closed = asyncio.Event()
         channel.bufferedAmountLowThreshold = FLOW_LOW
-        channel.on("message", self._inbox.put_nowait)
+        channel.on("message", self._on_message)
         channel.on("bufferedamountlow", self._drained.set)
-        channel.on("open", self._opened.set)
+        channel.on("open", self._on_open)
         channel.on("close", self._on_close)
         if channel.readyState == "open":
-            self._opened.set()
+            self._on_open()
+
+    def _on_open(self) -> None:
+        if self._announce and self._grants and not self._opened.is_set() and self.is_open:
+            self.channel.send(credit_message(self.window.granted))
+        self._opened.set()
+
+    def _on_message(self, message: bytes | str) -> None:
+        if self.failure:
+            return
+        if isinstance(message, bytes):
+            reason = self.window.receive(len(message))
+            if reason is not None:
+                log.warning("stream %s cut: %s", self.channel.id, reason)
+                self.fail(reason)
+                return
+            self._inbox.put_nowait(message)
+            return
+        try:
+            parsed = parse_control_message(message)
+        except (ProtocolError, ValueError) as exc:
+            log.debug("ignoring in-band message on channel %s: %s", self.channel.id,
+                      getattr(exc, "message", exc.__class__.__name__))
+            return
+        if parsed["op"] == CREDIT_OP:
+            limit = parse_credit(parsed)
+            if limit is not None:
+                self.credit.grant(limit)
+            return
+        self._inbox.put_nowait(parsed)
 
     def _on_close(self) -> None:
+        self.closed.set()
         self._inbox.put_nowait(None)
+        self.credit.close()
+        self.window.release()
         self._drained.set()
         self._opened.set()
 
@@ -64,28 +117,38 @@ class ChannelPipe:
             raise ChannelClosed()
 
     async def receive(self) -> bytes | dict[str, Any]:
-        """Next payload (bytes) or in-band control message (dict); ChannelClosed when gone."""
-        while True:
-            item = await self._inbox.get()
-            if item is None:
-                self._inbox.put_nowait(None)  # stay closed for any later reader
-                raise ChannelClosed()
-            if isinstance(item, bytes):
-                return item
-            try:
-                return parse_control_message(item)
-            except ProtocolError as exc:
-                log.debug("ignoring in-band message on channel %s: %s", self.channel.id, exc.message)
+        """Next payload (bytes) or in-band control message (dict); ChannelClosed when gone.
+
+        Call `delivered(len(payload))` once the payload is out of this process."""
+        item = await self._inbox.get()
+        if item is None:
+            self._inbox.put_nowait(None)  # stay closed for any later reader
+            raise ChannelClosed()
+        return item
+
+    def delivered(self, size: int) -> None:
+        """`size` received bytes reached the target: grant the client that much more credit."""
+        limit = self.window.deliver(size)
+        if limit is not None and self._grants and self.is_open:
+            self.channel.send(credit_message(limit))
 
     async def send(self, data: bytes) -> None:
-        """Send in chunks, then wait while the channel is over the high-water mark."""
+        """Send in chunks within the client's credit, then wait while over the high-water mark."""
+        position = 0
+        while position < len(data):
+            allowance = await self.credit.wait()
+            if not self.is_open:
+                raise ChannelClosed()
+            size = CHUNK if allowance is None else min(CHUNK, allowance)
+            piece = data[position:position + size]
+            self.channel.send(piece)
+            self.credit.spend(len(piece))
+            position += len(piece)
+            while self.is_open and self.channel.bufferedAmount > FLOW_HIGH:
+                self._drained.clear()
+                await self._drained.wait()
         if not self.is_open:
             raise ChannelClosed()
-        for start in range(0, len(data), CHUNK):
-            self.channel.send(data[start:start + CHUNK])
-        while self.is_open and self.channel.bufferedAmount > FLOW_HIGH:
-            self._drained.clear()
-            await self._drained.wait()
 
     def control(self, op: str, **fields: Any) -> None:
         if self.is_open:
@@ -93,6 +156,7 @@ class ChannelPipe:
 
     def fail(self, reason: str) -> None:
         """In-band error, then close: the client learns why the stream ended."""
+        self.failure = self.failure or reason
         self.control("error", reason=reason)
         self.close()
 
@@ -142,16 +206,25 @@ class TcpStream:
             asyncio.open_connection(self.host, self.port), TCP_CONNECT_TIMEOUT_S)
 
     async def run(self) -> None:
-        """Pump both ways until both sides are done, the client goes away, or an error."""
+        """Pump both ways until both sides are done, the client goes away, or an error.
+
+        A normal end (eof both ways) closes the target connection with a FIN; any other end
+        (client gone, stream cut, failure) resets it, so the target cannot take a cut stream
+        for a finished one."""
+        normal = False
         try:
             await _run_both(self._to_target(), self._from_target())
+            normal = True
         except ChannelClosed:
             pass
         except (OSError, asyncio.IncompleteReadError) as exc:
             self.pipe.fail(f"target connection failed ({exc.__class__.__name__})")
+        except Exception as exc:  # never end a stream without a reason
+            log.warning("stream %s failed", self.pipe.channel.id, exc_info=True)
+            self.pipe.fail(f"the gateway failed on this stream ({exc.__class__.__name__})")
         finally:
             self.pipe.close()
-            self._close_socket()
+            self._close_socket(reset=not normal)
 
     async def _to_target(self) -> None:
         assert self._writer is not None
@@ -159,10 +232,28 @@ class TcpStream:
             item = await self.pipe.receive()
             if isinstance(item, bytes):
                 self._writer.write(item)
-                await self._writer.drain()
+                await self._drain()
+                self.pipe.delivered(len(item))
             elif item.get("op") == "eof":
                 half_close(self._writer)
                 return
+
+    async def _drain(self) -> None:
+        """drain(), but a stream closed meanwhile (cut, or the client gone) stops the wait: a target
+        that never reads must not hold its connection and quota slot forever."""
+        assert self._writer is not None
+        if self._writer.transport.get_write_buffer_size() <= READ_SIZE:
+            await self._writer.drain()  # not paused: returns at once
+            return
+        drain = asyncio.ensure_future(self._writer.drain())
+        closed = asyncio.ensure_future(self.pipe.closed.wait())
+        try:
+            await asyncio.wait({drain, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            await _cancel([closed] + ([] if drain.done() else [drain]))
+        if drain.cancelled():
+            raise ChannelClosed()
+        drain.result()
 
     async def _from_target(self) -> None:
         assert self._reader is not None
@@ -173,9 +264,12 @@ class TcpStream:
                 return
             await self.pipe.send(data)
 
-    def _close_socket(self) -> None:
+    def _close_socket(self, reset: bool = False) -> None:
         if self._writer is not None:
-            self._writer.close()
+            if reset:
+                reset_connection(self._writer)
+            else:
+                self._writer.close()
             self._writer = None
 
 
@@ -238,7 +332,7 @@ class SshTerminal:
         request = self.request
         pty = dict(term_type=request.term, term_size=self._size) if request.pty else dict(request_pty=False)
         self._process = await self._connection.create_process(
-            request.command, encoding=None, stderr=asyncssh.STDOUT, **pty)
+            request.command, encoding=None, stderr=asyncssh.STDOUT, window=SSH_WINDOW, **pty)
         if request.pty and self._size != (request.cols, request.rows):
             self._process.change_terminal_size(*self._size)
 
@@ -279,6 +373,7 @@ class SshTerminal:
             if isinstance(item, bytes):
                 stdin.write(item)
                 await stdin.drain()
+                pipe.delivered(len(item))
             elif item.get("op") == "eof":
                 stdin.write_eof()
                 return
