@@ -111,9 +111,10 @@ class PamRuntime:
 
     def start_tunnel(self, hook: Any, ref: ResourceRef, host: str, port: int, *, trickle: bool,
                      timing: Any = None, on_lost: Callable[[Tunnel], None] | None = None,
-                     options: ConnectOptions | None = None, tunnel_id: str | None = None) -> Tunnel:
+                     options: ConnectOptions | None = None, tunnel_id: str | None = None,
+                     heal: bool = False) -> Tunnel:
         """Bind the local port, negotiate, and serve; returns once the data plane is up."""
-        tunnel = Tunnel(ref.name, ref.gateway or "", host, port, on_lost=on_lost)
+        tunnel = Tunnel(ref.name, ref.gateway or "", host, port, on_lost=on_lost, heal=heal)
         if tunnel_id is not None:  # the agent's ids ("a1") never collide with a shell's own ("t1")
             tunnel.id = tunnel_id
         try:

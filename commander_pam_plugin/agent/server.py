@@ -22,6 +22,7 @@ from ..errors import PamError
 from ..negotiation import ConnectOptions, valid_name
 from ..runtime import PamRuntime, ResourceRef
 from . import wire
+from .healing import Healer
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,12 @@ class Agent:
         self._last_activity = time.monotonic()
         self._busy = 0
         self.exiting = threading.Event()
+        self.healer = Healer(runtime, self.touch)
 
     # --- idle clock -----------------------------------------------------------------------
 
     def _live_tunnels(self) -> int:
-        return sum(1 for t in list(self.runtime.tunnels.values()) if t.state == "up")
+        return sum(1 for t in list(self.runtime.tunnels.values()) if t.state in ("up", "reconnecting"))
 
     def touch(self, delta: int = 0) -> None:
         with self._changed:
@@ -96,6 +98,8 @@ class Agent:
             return self._start(request)
         if op == "stop":
             return self._stop(request)
+        if op == "wait":
+            return self._wait(request)
         self.request_exit()
         return {"ok": True, "pid": os.getpid()}
 
@@ -116,23 +120,43 @@ class Agent:
         options = ConnectOptions(trickle=trickle, timeout_s=timeout or self.runtime.config.connect_timeout_s)
         ref = ResourceRef(name, gateway) if gateway else self.runtime.resolve(None, name)
         tunnel = self.runtime.start_tunnel(None, ref, host, port, trickle=trickle, options=options,
-                                           on_lost=lambda _t: self.touch(), tunnel_id=f"a{next(_agent_ids)}")
+                                           on_lost=self.healer.tunnel_lost, tunnel_id=f"a{next(_agent_ids)}",
+                                           heal=True)
         record = tunnel.describe()
         record["agent_pid"] = os.getpid()
         return {"ok": True, "tunnel": record}
 
+    def _wait(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Until tunnel `id` is in `state` (woken by every change, no polling), at most `timeout` s."""
+        which, wanted, timeout = request.get("id"), request.get("state"), request.get("timeout", 30)
+        if not isinstance(which, str) or not isinstance(wanted, str) or \
+                not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 <= timeout <= 600:
+            raise wire.WireError("wait needs an id, a state and a timeout of 0-600 s")
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                tunnel = self.runtime.tunnels.get(which)
+                if tunnel is None:
+                    raise PamError(f"no tunnel {which!r}")
+                left = deadline - time.monotonic()
+                if tunnel.state == wanted or left <= 0:
+                    return {"ok": True, "tunnel": tunnel.describe(), "reached": tunnel.state == wanted}
+                self._changed.wait(left)
+
     def _stop(self, request: dict[str, Any]) -> dict[str, Any]:
         runtime = self.runtime
         if request.get("all") is True:
+            self.healer.stop_all()
             stopped = runtime.stop_all()
         else:
             which = request.get("id")
             if not isinstance(which, str) or not which:
                 raise wire.WireError("stop needs an id, a resource name or all")
-            if which in runtime.tunnels:
-                stopped = [runtime.stop_tunnel(which)]
-            else:  # a resource name stops every tunnel to it; nothing matched is not an error here
-                stopped = [runtime.stop_tunnel(t.id) for t in list(runtime.tunnels.values()) if t.resource == which]
+            ids = [which] if which in runtime.tunnels else \
+                [t.id for t in list(runtime.tunnels.values()) if t.resource == which]  # a resource name
+            for tunnel_id in ids:  # nothing matched is not an error here: the shell may hold it
+                self.healer.forget(tunnel_id)
+            stopped = [runtime.stop_tunnel(tunnel_id) for tunnel_id in ids]
         return {"ok": True, "stopped": [t.describe() for t in stopped]}
 
 
@@ -206,4 +230,5 @@ def serve(path: Path, ready_fd: int | None = None, idle_s: float | None = None) 
                 path.unlink()
         except OSError:
             pass
+        agent.healer.stop_all()
         runtime.shutdown()

@@ -1,6 +1,7 @@
 """The agent's protocol: one JSON object per line, one request and one answer per connection.
 
-Request: {"op": "ping"|"start"|"list"|"stop"|"exit", ...}. Answer: {"ok": true, ...} or
+Request: {"op": "ping"|"start"|"list"|"stop"|"wait"|"exit", ...}; "wait" answers when a
+tunnel reaches a state (or with its record as it is after "timeout" seconds). Answer: {"ok": true, ...} or
 {"ok": false, "error": "one line"}. Anything else is refused in one line.
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ import json
 from typing import Any
 
 MAX_LINE = 64 * 1024
-OPS = ("ping", "start", "list", "stop", "exit")
+OPS = ("ping", "start", "list", "stop", "wait", "exit")
 
 
 class WireError(ValueError):
