@@ -189,6 +189,7 @@ class Tunnel:
     session: Any = None  # negotiation.Session once connected
     on_lost: Callable[["Tunnel"], None] | None = None
     heal: bool = False  # on loss keep the listener, say "reconnecting": the agent attaches a new session
+    stream_resource: str | None = None  # on a reused peer opened for another resource: name ours in each open
     _server: asyncio.AbstractServer | None = None
     _ready: asyncio.Event | None = None
     _pending: dict[int, asyncio.Future[tuple[str | None, int | None]]] = field(default_factory=dict)
@@ -253,7 +254,8 @@ class Tunnel:
             future: asyncio.Future[tuple[str | None, int | None]] = asyncio.get_running_loop().create_future()
             self._pending[channel.id] = future
             # "window": this side grants credit (a gateway without flow control ignores it)
-            peer.send_control("open", id=channel.id, window=flow.DEFAULT_WINDOW)
+            extra = {"resource": self.stream_resource} if self.stream_resource else {}
+            peer.send_control("open", id=channel.id, window=flow.DEFAULT_WINDOW, **extra)
             try:
                 refusal, gateway_window = await asyncio.wait_for(future, OPEN_TIMEOUT_S)
             except asyncio.TimeoutError:

@@ -12,10 +12,9 @@ import random
 import threading
 from typing import Callable
 
-from .. import protocol
 from ..errors import PamError
 from ..negotiation import ConnectOptions, RouterRefusal
-from ..runtime import PamRuntime, ResourceRef
+from ..runtime import PamRuntime
 from ..tunnel import Tunnel
 
 log = logging.getLogger(__name__)
@@ -72,19 +71,18 @@ class Healer:
             event.set()
 
     def _heal(self, tunnel: Tunnel, stop: threading.Event) -> None:
-        old = tunnel.session
-        if old is not None:
-            old.close(notify=False, wait=False)
+        self.runtime.release_session(tunnel, notify=False, wait=False)
         attempt = 0
         try:
             while not stop.wait(backoff_delay(attempt, self._rng)):
                 attempt += 1
                 if tunnel.state != "reconnecting":
                     return
-                try:
-                    session = self.runtime.connect(
-                        None, ResourceRef(tunnel.resource, tunnel.gateway or None), protocol.SessionRequest(mode="tunnel"),
-                        trickle=True, options=ConnectOptions(timeout_s=self.runtime.config.connect_timeout_s))
+                if stop.is_set() or tunnel.id not in self.runtime.tunnels:
+                    return
+                try:  # another tunnel to the same gateway may have healed first: then reuse its peer
+                    self.runtime.attach_session(None, tunnel, options=ConnectOptions(
+                        timeout_s=self.runtime.config.connect_timeout_s))
                 except PamError as exc:
                     if is_permanent(exc):
                         log.info("tunnel %s: not retrying: %s", tunnel.id, exc.message)
@@ -95,10 +93,9 @@ class Healer:
                     tunnel.reason = f"reconnecting (attempt {attempt}): {exc.message}"[:200]
                     log.info("tunnel %s: %s", tunnel.id, tunnel.reason)
                     continue
-                if stop.is_set() or tunnel.state != "reconnecting" or tunnel.id not in self.runtime.tunnels:
-                    session.close()
+                if stop.is_set() or tunnel.id not in self.runtime.tunnels:
+                    self.runtime.release_session(tunnel)
                     return
-                self.runtime.loop.run(tunnel.attach(session), timeout=5)
                 tunnel.reason = ""
                 log.info("tunnel %s: open again after %d attempt(s)", tunnel.id, attempt)
                 return

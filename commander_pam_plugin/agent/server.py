@@ -208,7 +208,7 @@ def serve(path: Path, ready_fd: int | None = None, idle_s: float | None = None) 
     """Run the agent on `path` until idle or told to exit; writes 'ready' to ready_fd when listening."""
     from ..config import load_config
 
-    runtime = PamRuntime(load_config())
+    runtime = PamRuntime(load_config(), reuse_peers=True)
     agent = Agent(runtime, idle_s or idle_seconds())
     if path.exists() or path.is_symlink():
         path.unlink()  # a stale socket: the caller holds the start lock and could not connect
