@@ -90,3 +90,23 @@ def test_bad_requests_are_refused_in_one_line(gateway, agent_socket: Path, tmp_p
             answer = sock.makefile("rb").readline()
         assert answer.count(b"\n") == 1 and b'"ok":false' in answer, answer
     assert client.request({"op": "ping"}, path=agent_socket)["ok"]
+
+
+def test_the_embedded_default_lives_in_the_agent_and_the_prompt_sees_its_tunnels(agent_socket: Path, tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    env = shell_env(tmp_path, agent_socket)  # no router configured: the agent starts the embedded one
+    started = run_shell(env, "pam tunnel start demo-echo --background --json")
+    assert started.returncode == 0, started.stderr
+    record = last_json(started.stdout)
+    assert echo_roundtrip(record["port"], b"embedded") == b"embedded"
+
+    from client_support import ShellSession
+    for name in [k for k in env if k.startswith("PAM_") and k != "PAM_AGENT_SOCKET"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with ShellSession(interactive=True) as prompt:
+        status, out, err = prompt.run("pam tunnel list --json")
+        assert status == 0, err
+        assert [t["id"] for t in last_json(out)] == [record["id"]]
+        status, out, err = prompt.run("pam tunnel stop --all")
+        assert status == 0 and "stopped 1 tunnel" in out, (out, err)
