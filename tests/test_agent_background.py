@@ -110,3 +110,25 @@ def test_the_embedded_default_lives_in_the_agent_and_the_prompt_sees_its_tunnels
         assert [t["id"] for t in last_json(out)] == [record["id"]]
         status, out, err = prompt.run("pam tunnel stop --all")
         assert status == 0 and "stopped 1 tunnel" in out, (out, err)
+
+
+def test_a_foreground_tunnel_in_a_chain_says_it_holds_the_chain(gateway, agent_socket: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from agent_support import SHELL
+    env = shell_env(tmp_path, agent_socket, gateway)
+    proc = subprocess.Popen([SHELL, "-c", "pam tunnel start db", "-c", "pam tunnel list"], env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = ""
+        for line in proc.stderr:
+            if "Ctrl-C" in line:
+                break
+        assert "later -c commands run after it" in line and "--background" in line, line
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
