@@ -64,3 +64,28 @@ def test_a_refusal_is_not_retried_and_backoff_grows_with_jitter() -> None:
     delays = [backoff_delay(i, random.Random(7)) for i in range(10)]
     assert delays[0] < 0.5 and delays[-1] <= 30 and delays[5] > delays[1]
     assert backoff_delay(3, random.Random(1)) != backoff_delay(3, random.Random(2))
+
+
+def test_a_resource_removed_while_reconnecting_ends_the_tunnel_without_retrying(agent_socket: Path,
+                                                                                tmp_path: Path) -> None:
+    with EchoServer() as echo:
+        config = make_config([{"name": "db", "kind": "tcp", "host": "127.0.0.1", "port": echo.port},
+                              {"name": "other", "kind": "tcp", "host": "127.0.0.1", "port": echo.port}],
+                             host_addresses=["127.0.0.1"], ice_servers=[])
+        gateway = GatewayProcess(config, tmp_path)
+        try:
+            env = shell_env(tmp_path, agent_socket, PAM_ROUTER_URL=gateway.router_url,
+                            PAM_TOKEN=gateway.user_token("alice"))
+            started = run_shell(env, "pam tunnel start db --background --json")
+            assert started.returncode == 0, started.stderr
+            record = last_json(started.stdout)
+            gateway.kill()
+            _wait(agent_socket, record["id"], "reconnecting")
+            config["resources"] = [r for r in config["resources"] if r["name"] != "db"]  # db removed
+            gateway = GatewayProcess(config, tmp_path, port=gateway.port)
+            ended = _wait(agent_socket, record["id"], "lost")
+            assert "db" in ended["reason"], ended
+            with pytest.raises(ConnectionRefusedError):  # the listener is closed: no retry holds it
+                socket.create_connection(("127.0.0.1", record["port"]), timeout=10)
+        finally:
+            gateway.stop()
