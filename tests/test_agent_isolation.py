@@ -98,3 +98,40 @@ def test_a_socket_directory_open_to_others_is_refused(monkeypatch: pytest.Monkey
     monkeypatch.setenv("PAM_AGENT_SOCKET", str(directory / "agent.sock"))
     with pytest.raises(Exception, match="open to other users"):
         client.request({"op": "ping"}, start=True)
+
+
+def test_a_socket_planted_by_another_user_is_not_talked_to(other_user, shared_socket: Path) -> None:
+    directory = shared_socket.parent
+    directory.mkdir(mode=0o700)
+    os.chmod(directory, 0o777)  # a mistake that lets another user plant a socket on the path
+    ready_read, ready_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child, as the other user: listen on the agent's path, report what it received
+        try:
+            os.setgroups([])
+            os.setgid(other_user.pw_gid)
+            os.setuid(other_user.pw_uid)
+            with socket.socket(socket.AF_UNIX) as server:
+                server.bind(str(shared_socket))
+                server.listen(1)
+                os.write(ready_write, b"r")
+                server.settimeout(20)
+                conn, _ = server.accept()
+                conn.settimeout(5)
+                try:
+                    got = conn.recv(100)
+                except OSError:
+                    got = b""
+                os.write(ready_write, b"got:" + got)
+        finally:
+            os._exit(0)
+    os.close(ready_write)
+    try:
+        assert os.read(ready_read, 1) == b"r"
+        with pytest.raises(Exception, match="belongs to another user"):
+            client.request({"op": "start", "resource": "db"}, start=True)
+        with os.fdopen(ready_read, "rb") as reader:
+            assert reader.read() == b"got:"  # not one byte of the request reached it
+    finally:
+        os.waitpid(pid, 0)
+        shared_socket.unlink(missing_ok=True)

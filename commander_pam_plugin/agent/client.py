@@ -14,21 +14,28 @@ from typing import Any
 
 from ..errors import PamError
 from . import paths, wire
+from .creds import peer_uid
 
 START_TIMEOUT_S = 30.0  # the agent imports aiortc and, with no router configured, starts one
 REQUEST_TIMEOUT_S = 120.0  # a start request waits for the connect (its own timeout is lower)
 
 
 def _connect(path: Path) -> socket.socket | None:
+    """A connection to our own agent, or None when none listens. An agent of another uid (a
+    socket someone else planted on the path) is refused before a byte is sent to it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))
+        owner = peer_uid(sock)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         return None
     except OSError as exc:
         sock.close()
         raise PamError(f"cannot reach the pam agent at {path}: {exc.strerror or exc}") from None
+    if owner != os.getuid():
+        sock.close()
+        raise PamError(f"the socket {path} belongs to another user's process; remove it")
     return sock
 
 

@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import socketserver
-import struct
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..errors import PamError
 from ..negotiation import ConnectOptions, valid_name
 from ..runtime import PamRuntime, ResourceRef
 from . import wire
+from .creds import peer_uid
 from .healing import Healer
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,6 @@ log = logging.getLogger(__name__)
 DEFAULT_IDLE_S = 300.0
 IDLE_ENV = "PAM_AGENT_IDLE_S"
 _agent_ids = itertools.count(1)
-
-
-def peer_uid(sock: socket.socket) -> int:
-    """The uid of the process at the other end of a Unix socket (Linux SO_PEERCRED)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
 
 
 def idle_seconds() -> float:
