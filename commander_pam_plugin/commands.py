@@ -58,6 +58,8 @@ def launch(ctx: Any, args: argparse.Namespace) -> int:
 
 
 def tunnel_start(ctx: Any, args: argparse.Namespace) -> int:
+    if getattr(args, "background", False):
+        return _start_in_agent(ctx, args)
     runtime = get_runtime()
     runtime.router()  # may start the embedded default: not part of the connect time
     total = ConnectTiming("pam-tunnel:total", hook=ctx.hook)
@@ -82,11 +84,48 @@ def tunnel_start(ctx: Any, args: argparse.Namespace) -> int:
     total.summary("ready")
     _session_event(ctx, "opened", "pam tunnel start", ref.name, tunnel.id)
     _print_started(ctx, args, tunnel, total)
+    pid_file = getattr(args, "pid_file", None)
+    if pid_file:
+        from .agent.cli import write_pid_file
+        write_pid_file(pid_file, os.getpid())
     if args.run:
-        return _run_through(ctx, runtime, tunnel, args.run)
+        try:
+            return _run_through(ctx, runtime, tunnel, args.run)
+        finally:
+            _remove_pid_file(pid_file)
     if ctx.interactive:
-        return 0
-    return _foreground(ctx, runtime, tunnel, lost)
+        return 0  # the tunnel stays in this shell: so does its pid file
+    try:
+        return _foreground(ctx, runtime, tunnel, lost)
+    finally:
+        _remove_pid_file(pid_file)
+
+
+def _remove_pid_file(path: str | None) -> None:
+    from .agent.cli import remove_pid_file
+
+    remove_pid_file(path)
+
+
+def _start_in_agent(ctx: Any, args: argparse.Namespace) -> int:
+    """--background: the user's agent holds the tunnel; print its record and return at once."""
+    from .agent import cli
+
+    try:
+        record = cli.start_background(ctx.hook, args)
+    except PamError as exc:
+        _session_event(ctx, "failed", "pam tunnel start", args.resource, "", exc.message)
+        raise
+    _session_event(ctx, "opened", "pam tunnel start", record["resource"], record["id"])
+    if getattr(args, "pid_file", None):
+        cli.write_pid_file(args.pid_file, int(record["agent_pid"]))
+    if args.json:
+        print(json.dumps(record), file=_out(ctx), flush=True)
+    else:
+        print(f"tunnel {record['id']}: {record['local_address']} -> {record['resource']} "
+              f"(via {record['gateway']}, in the background: agent pid {record['agent_pid']}; "
+              f"'pam tunnel stop {record['id']}' ends it)", file=_out(ctx), flush=True)
+    return 0
 
 
 def _print_started(ctx: Any, args: argparse.Namespace, tunnel: Tunnel, total: ConnectTiming) -> None:
@@ -119,7 +158,9 @@ def _run_through(ctx: Any, runtime: Any, tunnel: Tunnel, command: str) -> int:
 
 def _foreground(ctx: Any, runtime: Any, tunnel: Tunnel, lost: threading.Event) -> int:
     """One-shot mode: keep the tunnel until Ctrl-C (status 0) or until it is lost (status 1)."""
-    print("press Ctrl-C to close the tunnel", file=_err(ctx), flush=True)
+    # In a -c chain this holds the shell: say so, so that a later -c command is not a mystery.
+    print("press Ctrl-C to close the tunnel (it holds this shell: later -c commands run after it; "
+          "--background returns at once)", file=_err(ctx), flush=True)
     try:
         lost.wait()
     except KeyboardInterrupt:
@@ -137,7 +178,9 @@ def _close(ctx: Any, runtime: Any, tunnel: Tunnel) -> None:
 
 
 def tunnel_list(ctx: Any, args: argparse.Namespace) -> int:
-    records = [t.describe() for t in get_runtime().tunnels.values()]
+    from .agent.cli import agent_tunnels
+
+    records = [t.describe() for t in get_runtime().tunnels.values()] + agent_tunnels()
     _print_listing(ctx, wants_json(args), records, "no tunnels",
                    ("ID", "RESOURCE", "LOCAL", "STATE", "CONNS", "BYTES OUT", "BYTES IN", "AGE"),
                    lambda r: (r["id"], r["resource"], r["local_address"],
@@ -168,8 +211,16 @@ def _print_table(out: Any, header: tuple[str, ...], rows: list[tuple[str, ...]])
 
 
 def tunnel_stop(ctx: Any, args: argparse.Namespace) -> int:
+    from .agent import cli
+
     runtime = get_runtime()
-    if args.all:
+    in_agent = cli.stop(args.id, bool(args.all))  # the agent's tunnels ("a1"), then this shell's
+    here = args.all or any(args.id in (t.id, t.resource) for t in list(runtime.tunnels.values()))
+    if not here:
+        if not in_agent:
+            runtime.stop_tunnel(args.id)  # raises: no such tunnel, with the open ones named
+        stopped = []
+    elif args.all:
         stopped = runtime.stop_all()
     elif args.id in runtime.tunnels:
         stopped = [runtime.stop_tunnel(args.id)]
@@ -182,7 +233,10 @@ def tunnel_stop(ctx: Any, args: argparse.Namespace) -> int:
         raise PamError("name a tunnel ID or use --all", status=2)
     for tunnel in stopped:
         _session_event(ctx, "closed", "pam tunnel start", tunnel.resource, tunnel.id)
-    print(f"stopped {len(stopped)} tunnel{'s' if len(stopped) != 1 else ''}", file=_out(ctx))
+    for record in in_agent:
+        _session_event(ctx, "closed", "pam tunnel start", record["resource"], record["id"])
+    count = len(stopped) + len(in_agent)
+    print(f"stopped {count} tunnel{'s' if count != 1 else ''}", file=_out(ctx))
     return 0
 
 

@@ -34,6 +34,7 @@ from .peer import ClientPeer, PeerLost
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 3.0  # TCP connect to the router: an unreachable router fails fast
+CLOSE_NOTICE_TIMEOUT_S = 2.0  # the close notice is best effort: never a long wait on a router
 READ_TIMEOUT_S = 20.0  # the router itself gives up on a gateway after 15 s
 
 
@@ -315,8 +316,8 @@ class StreamListener:
             if self._ws is not None:
                 self._ws.shutdown()  # closes the socket itself; abort() alone leaves the fd open
 
-    def close(self) -> None:
-        """Wake the reader (abort) and wait for it to close the socket."""
+    def close(self, wait: bool = True) -> None:
+        """Wake the reader (abort) and wait (unless told not to) for it to close the socket."""
         self._closing = True
         ws = self._ws
         if ws is not None:
@@ -324,7 +325,7 @@ class StreamListener:
                 ws.abort()
             except Exception:
                 pass
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        if wait and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(2.0)
 
 
@@ -416,25 +417,36 @@ class Session:
         repr=False)
     _closed: bool = field(default=False, repr=False)
 
-    def close(self, notify: bool = True) -> None:
-        """Tell the gateway (best effort), stop the stream and the peer. Idempotent."""
+    def close(self, notify: bool = True, wait: bool = True) -> None:
+        """Tell the gateway (best effort, on its own thread, bounded), stop the stream and the peer.
+
+        wait False (Ctrl-C): the close notice is not waited for at all, so an unresponsive router
+        never holds up an interrupt. Idempotent."""
         if self._closed:
             return
         self._closed = True
         if notify and not self.peer.lost.is_set():
-            try:
-                if self.gateway is None:  # an offer by resource was refused before its reply named one
-                    self.router.resource_action(self.resource, "close", self.conversation_id, {}, self.trickle)
-                else:
-                    self.router.action(self.gateway, "close", self.conversation_id, {}, self.trickle)
-            except PamError as exc:
-                log.debug("close action failed: %s", exc.message)
-        self.listener.close()
+            notice = threading.Thread(target=self._send_close_notice, name="pam-close-notice", daemon=True)
+            notice.start()
+            if wait:
+                notice.join(CLOSE_NOTICE_TIMEOUT_S)
+        self.listener.close(wait=wait)
         self.candidate_worker.shutdown(wait=False, cancel_futures=True)
         try:
             self.loop.run(self.peer.close(), timeout=5)
         except Exception as exc:
             log.debug("peer close: %s", exc)
+
+    def _send_close_notice(self) -> None:
+        try:
+            if self.gateway is None:  # an offer by resource was refused before its reply named one
+                self.router.resource_action(self.resource, "close", self.conversation_id, {}, self.trickle,
+                                            timeout=CLOSE_NOTICE_TIMEOUT_S)
+            else:
+                self.router.action(self.gateway, "close", self.conversation_id, {}, self.trickle,
+                                   timeout=CLOSE_NOTICE_TIMEOUT_S)
+        except PamError as exc:
+            log.debug("close action failed: %s", exc.message)
 
 
 class _Phase:
@@ -503,8 +515,8 @@ def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str | None
     result = Session(loop, router, gateway, resource, conversation_id, peer, listener, trickle)
     try:
         _negotiate(result, session, phase, deadline, options, on_candidate_action)
-    except BaseException:
-        result.close(notify=True)
+    except BaseException as exc:
+        result.close(notify=True, wait=not isinstance(exc, KeyboardInterrupt))
         raise
     return result
 

@@ -82,6 +82,13 @@ def _configure_tunnel_start(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the tunnel record as JSON")
     parser.add_argument("--run", "-R", metavar="CMD",
                         help="run CMD while the tunnel is open, then stop it; exit with CMD's status")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--background", "-bg", action="store_true",
+                      help="hand the tunnel to your pam agent and return once it is ready; it outlives this shell")
+    mode.add_argument("--foreground", "-fg", action="store_true",
+                      help="keep the tunnel in this process until Ctrl-C (the default)")
+    parser.add_argument("--pid-file", metavar="PATH",
+                        help="write the pid of the process holding the tunnel (the agent with --background)")
 
 
 def _configure_json(parser: argparse.ArgumentParser) -> None:

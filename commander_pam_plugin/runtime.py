@@ -22,6 +22,29 @@ log = logging.getLogger(__name__)
 
 # A list fetched this long ago still names a resource's gateway and kind.
 RESOURCE_CACHE_S = 60.0
+# Peer reuse (a second tunnel to a gateway rides the live peer: no signaling): "0" turns it off.
+REUSE_ENV = "PAM_REUSE_PEERS"
+PREFETCH_JOIN_S = 2.0  # the resource list fetched alongside a first connect, for later reuse
+
+
+def reuse_from_env(default: bool) -> bool:
+    value = os.environ.get(REUSE_ENV, "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    return default
+
+
+@dataclass
+class SharedSession:
+    """A tunnel-mode session and the tunnels riding it; closed when the last one leaves."""
+
+    session: Session
+    tunnels: set[str]
+
+    def live(self) -> bool:
+        return not self.session._closed and not self.session.peer.lost.is_set()
 
 
 @dataclass
@@ -37,8 +60,10 @@ class ResourceRef:
 class PamRuntime:
     """Owns the background loop, one RouterClient per router, and the tunnel registry."""
 
-    def __init__(self, config: PamConfig) -> None:
+    def __init__(self, config: PamConfig, reuse_peers: bool = False) -> None:
         self.config = config
+        self.reuse_peers = reuse_from_env(reuse_peers)
+        self._shared: list[SharedSession] = []
         self.loop = BackgroundLoop()
         self.tunnels: dict[str, Tunnel] = {}
         self._router: RouterClient | None = None
@@ -75,7 +100,10 @@ class PamRuntime:
         record = hook.pam_resolve_resource(name=name) if hook is not None else None
         if isinstance(record, dict) and record.get("gateway"):
             return ResourceRef(str(record.get("name") or name), str(record["gateway"]), str(record.get("kind", "tcp")))
-        entry = lookup_resource(self.router().cached_resources(RESOURCE_CACHE_S) or [], name)
+        # while a reusable peer is live, the list learnt alongside it still names the gateways
+        # (each stream on a reused peer is authorized by the gateway anyway)
+        max_age = float("inf") if self.reuse_peers and self._live_shared() else RESOURCE_CACHE_S
+        entry = lookup_resource(self.router().cached_resources(max_age) or [], name)
         if entry is not None:
             return ResourceRef(name, str(entry.get("gateway")), str(entry.get("kind")))
         return ResourceRef(name)
@@ -114,9 +142,12 @@ class PamRuntime:
 
     def start_tunnel(self, hook: Any, ref: ResourceRef, host: str, port: int, *, trickle: bool,
                      timing: Any = None, on_lost: Callable[[Tunnel], None] | None = None,
-                     options: ConnectOptions | None = None) -> Tunnel:
+                     options: ConnectOptions | None = None, tunnel_id: str | None = None,
+                     heal: bool = False) -> Tunnel:
         """Bind the local port, negotiate, and serve; returns once the data plane is up."""
-        tunnel = Tunnel(ref.name, ref.gateway or "", host, port, on_lost=on_lost)
+        tunnel = Tunnel(ref.name, ref.gateway or "", host, port, on_lost=on_lost, heal=heal)
+        if tunnel_id is not None:  # the agent's ids ("a1") never collide with a shell's own ("t1")
+            tunnel.id = tunnel_id
         try:
             self.loop.run(tunnel.bind(), timeout=10)
         except OSError as exc:
@@ -127,16 +158,79 @@ class PamRuntime:
         if timing is not None:
             timing.checkpoint("local_listener_bound")
         try:
-            session = self.connect(hook, ref, protocol.SessionRequest(mode="tunnel"), trickle=trickle,
-                                   timing=timing, options=options)
+            self.attach_session(hook, tunnel, trickle=trickle, timing=timing, options=options)
         except BaseException:
             self.loop.run(tunnel.stop(), timeout=5)
             raise
-        tunnel.gateway = session.gateway or ""  # learnt from the offer's reply if it was not known
-        self.loop.run(tunnel.attach(session), timeout=5)
         with self._lock:
             self.tunnels[tunnel.id] = tunnel
         return tunnel
+
+    # --- peer reuse -------------------------------------------------------------------------
+
+    def _live_shared(self, gateway: str | None = None) -> SharedSession | None:
+        with self._lock:
+            self._shared = [s for s in self._shared if s.live() or s.tunnels]
+            for shared in self._shared:
+                if shared.live() and (gateway is None or shared.session.gateway == gateway):
+                    return shared
+        return None
+
+    def attach_session(self, hook: Any, tunnel: Tunnel, *, trickle: bool = True, timing: Any = None,
+                       options: ConnectOptions | None = None) -> bool:
+        """Give `tunnel` a session: a live one to its gateway (reuse: no signaling at all) or a new
+        one. Returns True if it reused one. The gateway checks every stream of a reused peer
+        against the tunnel's resource, as it checks an offer."""
+        shared = self._live_shared(tunnel.gateway) if self.reuse_peers and tunnel.gateway else None
+        reused = shared is not None
+        if shared is None:
+            prefetch = self._prefetch_resources() if self.reuse_peers else None
+            session = self.connect(hook, ResourceRef(tunnel.resource, tunnel.gateway or None),
+                                   protocol.SessionRequest(mode="tunnel"), trickle=trickle,
+                                   timing=timing, options=options)
+            if prefetch is not None:
+                prefetch.join(PREFETCH_JOIN_S)
+            shared = SharedSession(session, set())
+            with self._lock:
+                self._shared.append(shared)
+        session = shared.session
+        tunnel.gateway = session.gateway or ""  # learnt from the offer's reply if it was not known
+        tunnel.stream_resource = tunnel.resource if tunnel.resource != session.resource else None
+        with self._lock:
+            shared.tunnels.add(tunnel.id)
+        self.loop.run(tunnel.attach(session), timeout=5)
+        return reused
+
+    def _prefetch_resources(self) -> threading.Thread | None:
+        """Fetch the resource list alongside a connect, so that a later tunnel to another resource
+        of the same gateway knows its gateway without a request. Off the critical path."""
+        router = self.router()
+        if router.cached_resources(RESOURCE_CACHE_S) is not None:
+            return None
+
+        def fetch() -> None:
+            try:
+                router.resources()
+            except PamError as exc:
+                log.debug("resource list prefetch: %s", exc.message)
+
+        thread = threading.Thread(target=fetch, name="pam-resources-prefetch", daemon=True)
+        thread.start()
+        return thread
+
+    def release_session(self, tunnel: Tunnel, notify: bool = True, wait: bool = True) -> None:
+        """The tunnel leaves its session; the last one to leave closes it."""
+        session = tunnel.session
+        if session is None:
+            return
+        with self._lock:
+            shared = next((s for s in self._shared if s.session is session), None)
+            if shared is not None:
+                shared.tunnels.discard(tunnel.id)
+                if shared.tunnels:
+                    return
+                self._shared.remove(shared)
+        session.close(notify=notify, wait=wait)
 
     def stop_tunnel(self, tunnel_id: str) -> Tunnel:
         with self._lock:
@@ -152,8 +246,7 @@ class PamRuntime:
             self.loop.run(tunnel.stop(), timeout=5)
         except Exception as exc:
             log.debug("stopping tunnel %s: %s", tunnel.id, exc)
-        if tunnel.session is not None:
-            tunnel.session.close(notify=tunnel.state != "lost")
+        self.release_session(tunnel, notify=tunnel.state not in ("lost", "reconnecting"))
 
     def stop_all(self) -> list[Tunnel]:
         with self._lock:

@@ -188,6 +188,8 @@ class Tunnel:
     stats: TunnelStats = field(default_factory=TunnelStats)
     session: Any = None  # negotiation.Session once connected
     on_lost: Callable[["Tunnel"], None] | None = None
+    heal: bool = False  # on loss keep the listener, say "reconnecting": the agent attaches a new session
+    stream_resource: str | None = None  # on a reused peer opened for another resource: name ours in each open
     _server: asyncio.AbstractServer | None = None
     _ready: asyncio.Event | None = None
     _pending: dict[int, asyncio.Future[tuple[str | None, int | None]]] = field(default_factory=dict)
@@ -215,9 +217,15 @@ class Tunnel:
     async def _watch_peer(self, peer: ClientPeer) -> None:
         await peer.lost.wait()
         if self.state == "up":
-            self.state = "lost"
             self.reason = peer.lost_reason or "the gateway went away"
-            await self._stop_serving()
+            if self.heal:  # open connections end with a reset; new ones wait for the next session
+                self.state = "reconnecting"
+                assert self._ready is not None
+                self._ready.clear()
+                await self._end_connections()
+            else:
+                self.state = "lost"
+                await self._stop_serving()
             if self.on_lost is not None:
                 self.on_lost(self)
 
@@ -246,7 +254,8 @@ class Tunnel:
             future: asyncio.Future[tuple[str | None, int | None]] = asyncio.get_running_loop().create_future()
             self._pending[channel.id] = future
             # "window": this side grants credit (a gateway without flow control ignores it)
-            peer.send_control("open", id=channel.id, window=flow.DEFAULT_WINDOW)
+            extra = {"resource": self.stream_resource} if self.stream_resource else {}
+            peer.send_control("open", id=channel.id, window=flow.DEFAULT_WINDOW, **extra)
             try:
                 refusal, gateway_window = await asyncio.wait_for(future, OPEN_TIMEOUT_S)
             except asyncio.TimeoutError:
@@ -282,6 +291,9 @@ class Tunnel:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        await self._end_connections()
+
+    async def _end_connections(self) -> None:
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

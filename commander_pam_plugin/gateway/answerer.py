@@ -283,7 +283,9 @@ class AnswerSession:
         if op == "ping":
             self._send_control("pong")
         elif op == "open" and self.request.mode == "tunnel":
-            self._spawn(self._open_stream(msg.get("id"), parse_window(msg.get("window"))))
+            target = self._stream_target(msg)
+            if target is not None:
+                self._spawn(self._open_stream(msg.get("id"), parse_window(msg.get("window")), target))
         elif op == "pong":
             pass
         else:
@@ -318,8 +320,29 @@ class AnswerSession:
         self.resizes_applied += 1
         self.ssh.resize(*size)
 
-    async def _open_stream(self, stream_id: Any, client_window: int | None = None) -> None:
-        """open N: channel N to a fresh TCP connection; opened or refused, never both."""
+    def _stream_target(self, msg: dict[str, Any]) -> Resource | None:
+        """The resource an `open` names (peer reuse: a client's second tunnel on this peer), checked
+        with the offer's own rules: it exists here and this user may use it. None: refused."""
+        name = msg.get("resource")
+        if name is None or name == self.resource.name:
+            return self.resource
+        stream_id = msg.get("id") if _is_stream_id(msg.get("id")) else None
+        target = self.settings.resource(name) if isinstance(name, str) else None
+        if target is None:
+            self._refuse(f"this gateway has no resource named {str(name)[:64]}", id=stream_id)
+            return None
+        if not target.allows(self.user):
+            log.warning("conversation %s (%s): stream to %s refused: not allowed", self.conversation_id,
+                        self.user, target.name)
+            self._refuse(f"user {self.user} may not use resource {target.name}", id=stream_id)
+            return None
+        return target
+
+    async def _open_stream(self, stream_id: Any, client_window: int | None = None,
+                           target: Resource | None = None) -> None:
+        """open N: channel N to a fresh TCP connection to `target` (default: the offer's resource);
+        opened or refused, never both."""
+        target = target or self.resource
         if not _is_stream_id(stream_id):
             self._refuse(f"stream id must be an integer from {FIRST_STREAM_ID} to {MAX_STREAM_ID}",
                          id=stream_id if type(stream_id) is int and abs(stream_id) < 2 ** 31 else None)
@@ -343,13 +366,13 @@ class AnswerSession:
             except ValueError:
                 self._refuse(f"stream {stream_id} is still closing", id=stream_id)
                 return
-            stream = TcpStream(self._pipe(channel, client_window), self.resource.host, self.resource.port)
+            stream = TcpStream(self._pipe(channel, client_window), target.host, target.port)
             self.streams[stream_id] = stream
             try:
                 await stream.connect()
             except (OSError, asyncio.TimeoutError) as exc:
-                reason = (f"{self.resource.name} refused the connection" if isinstance(exc, ConnectionRefusedError)
-                          else f"cannot connect to {self.resource.name} ({exc.__class__.__name__})")
+                reason = (f"{target.name} refused the connection" if isinstance(exc, ConnectionRefusedError)
+                          else f"cannot connect to {target.name} ({exc.__class__.__name__})")
                 self._refuse(reason, id=stream_id)
                 stream.pipe.close()
                 return
