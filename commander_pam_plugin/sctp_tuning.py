@@ -396,7 +396,10 @@ class TunedDtlsTransport(RTCDtlsTransport):
         connection._pam_last_sent = time.monotonic()  # for idle_consent: is our traffic answered?
         pair = connection._nominated.get(1)
         transport = getattr(pair.protocol, "transport", None) if pair is not None else None
-        if transport is None or transport.is_closing():
+        # Straight to a UDP socket only: a TURN-relayed pair's TurnTransport has no is_closing()
+        # and must wrap the record in a Send indication, which the stock path does.
+        is_closing = getattr(transport, "is_closing", None)
+        if is_closing is None or is_closing():
             await self.transport._send(data)  # stock path: raises ConnectionError when not connected
         else:
             transport.sendto(data, pair.remote_addr)
