@@ -50,7 +50,7 @@ def test_a_dropped_connection_ends_the_command_and_leaves_no_unawaited_cleanup(p
         try:
             for _ in range(2):
                 await _drop_mid_session(server, pty)
-            await asyncio.sleep(0)  # let the server's session tasks finish their cleanup
+            await asyncio.wait_for(server.sessions_done(), WAIT_S)  # their cleanup included
         finally:
             server.close()
 

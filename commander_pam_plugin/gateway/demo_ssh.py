@@ -68,6 +68,7 @@ class DemoSSHServer:
             "".join(k.export_public_key().decode() for k in authorized_keys)) if authorized_keys else None
         self._server: asyncssh.SSHAcceptor | None = None
         self.port = 0
+        self._sessions: set[asyncio.Task[None]] = set()
 
     async def start(self) -> DemoSSHServer:
         self._server = await asyncssh.create_server(
@@ -80,6 +81,11 @@ class DemoSSHServer:
     def known_hosts_line(self) -> str:
         """A known_hosts entry for this server, for clients that check host keys."""
         return f"[127.0.0.1]:{self.port} {self.host_key.export_public_key().decode().strip()}\n"
+
+    async def sessions_done(self) -> None:
+        """Until every session's handler, its cleanup included, has returned."""
+        while self._sessions:
+            await asyncio.wait(set(self._sessions))
 
     def close(self) -> None:
         if self._server is not None:
@@ -100,6 +106,10 @@ class DemoSSHServer:
         return argv, env, account.pw_dir
 
     async def _run(self, process: asyncssh.SSHServerProcess) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
         argv, env, home = self._argv_env(process)
         status = 127
         try:
