@@ -372,6 +372,9 @@ class ConnectOptions:
     legacy_ws_ready_wait: bool = False
     legacy_backend_delay_s: float = 0.0
     legacy_per_candidate: bool = False
+    # Trickle: ask for the answer in the offer's reply (a current gateway has it by then); False
+    # takes it from the conversation stream as older clients do (kept for benchmarks).
+    answer_in_reply: bool = True
 
 
 @dataclass
@@ -529,7 +532,7 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
             time.sleep(options.legacy_backend_delay_s)  # compatibility profile only, default off
 
     offer = {"type": "offer", "sdp": sdp, "resource": resource, "session": session.to_json()}
-    if trickle and not options.legacy_ws_ready_wait:
+    if trickle and options.answer_in_reply and not options.legacy_ws_ready_wait:
         offer["answer_in_reply"] = True  # a gateway that has its answer by then puts it in the reply
     try:  # the reply may be held up at the gateway; the connect deadline bounds the wait
         reply = _send_offer(result, offer, lambda: _remaining(deadline, phase, resource, options))
