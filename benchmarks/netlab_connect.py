@@ -11,6 +11,10 @@ first remote byte, as launch.py defines it. Profiles run interleaved:
 - ours-trickle, ours-non-trickle: the defaults; ours-trickle-answer-on-stream (tunnel only): the
   trickle path that takes the answer from the conversation stream, as clients did before the
   offer's reply carried it;
+- tunnel-warm (ours only): the same RouterClient for every connect, as an interactive shell
+  has: its HTTPS connection is kept alive, so the offer costs 1 S (floor S + k M) while the
+  per-conversation stream is still a fresh TCP+TLS+upgrade (3 S): here an answer taken from the
+  stream would sit on the critical path;
 - keeper-post-pr: today's Keeper (batched candidates after the offer, WebSocket-ready wait, 0.3 s
   backend delay); keeper-pre-pr: the same with one action per candidate.
 
@@ -18,7 +22,7 @@ Then the dead-STUN check (on loopback, no root needed): the same connect with an
 server configured on both sides, against none, in both modes (target: within 1.1x).
 
     python benchmarks/netlab_connect.py [--signaling-rtt-ms 500] [--media-rtt-ms 100] [--runs 5]
-                                        [--commands tunnel,launch] [--nat routed|cone] [--json FILE] [--skip-lab] [--skip-dead-stun]
+                                        [--commands tunnel,launch,tunnel-warm] [--nat routed|cone] [--json FILE] [--skip-lab] [--skip-dead-stun]
 """
 from __future__ import annotations
 
@@ -54,7 +58,8 @@ TARGET_DEAD_STUN_RATIO = 1.1
 
 
 MEDIA_ROUND_TRIPS = 4.5  # the model's k (docs: ICE 1.5, DTLS 2, SCTP 2, less 0.5 hidden under signaling)
-COMMANDS = ("tunnel", "launch")
+COMMANDS = ("tunnel", "launch", "tunnel-warm")
+WARM_PROFILES = ("ours-trickle", "ours-non-trickle", "ours-trickle-answer-on-stream")
 LAUNCH_PROFILES = ("ours-trickle", "ours-non-trickle", "keeper-post-pr", "keeper-pre-pr")
 OURS = ("ours-trickle", "ours-non-trickle")
 CHECKPOINTS = ("offer_created", "offer_acked", "answer_received", "ice_connected", "data_channel_open")
@@ -77,6 +82,12 @@ def launch_floor_ms(s_ms: float, m_ms: float, media_round_trips: float = MEDIA_R
     return floor_ms(s_ms, m_ms, media_round_trips)
 
 
+def warm_floor_ms(s_ms: float, m_ms: float, media_round_trips: float = MEDIA_ROUND_TRIPS) -> float:
+    """A shell that connected a moment ago keeps its HTTPS connection to the router alive: the
+    offer is then one round trip (1 S), no TCP or TLS handshake, before the same media part."""
+    return s_ms + media_round_trips * m_ms
+
+
 class _Checkpoints:
     """The connect's timing checkpoints, ms from the start (negotiation's own names)."""
 
@@ -89,13 +100,15 @@ class _Checkpoints:
 
 
 def _connect_ms(loop: BackgroundLoop, url: str, token: str, ca_file: str | None, options: ConnectOptions,
-                ice_servers: list[Any], addresses: list[str], command: str = "tunnel") -> tuple[float, dict[str, float]]:
-    """One fresh connect (new RouterClient: new TCP+TLS connections). tunnel: ready = the control
+                ice_servers: list[Any], addresses: list[str], command: str = "tunnel",
+                kept: RouterClient | None = None) -> tuple[float, dict[str, float]]:
+    """One connect: with a new RouterClient (new TCP+TLS connections), or on `kept`, one whose
+    HTTPS connection is alive from an earlier connect (tunnel-warm). tunnel: ready = the control
     channel open; launch: ready = the first remote byte, shown no earlier than connect() returns
     (launch.py's ready_for_prompt: earlier bytes wait in a buffer until then)."""
     started = time.perf_counter()
     marks = _Checkpoints(started)
-    router = RouterClient(url, token, ca_file=ca_file)
+    router = kept or RouterClient(url, token, ca_file=ca_file)
     first = threading.Event()
     stamp: list[float] = []
 
@@ -124,7 +137,8 @@ def _connect_ms(loop: BackgroundLoop, url: str, token: str, ca_file: str | None,
         session.close()
         return elapsed, marks.at
     finally:
-        router.close()
+        if kept is None:
+            router.close()
 
 
 Sample = tuple[float, dict[str, float]]
@@ -141,7 +155,8 @@ def _series(run: Callable[[str, str], Sample], plan: list[tuple[str, str]], runs
 
 def _plan(commands: tuple[str, ...]) -> list[tuple[str, str]]:
     plan = [("tunnel", name) for name in PROFILES] if "tunnel" in commands else []
-    return plan + ([("launch", name) for name in LAUNCH_PROFILES] if "launch" in commands else [])
+    plan += [("launch", name) for name in LAUNCH_PROFILES] if "launch" in commands else []
+    return plan + ([("tunnel-warm", name) for name in WARM_PROFILES] if "tunnel-warm" in commands else [])
 
 
 def lab_run(s_ms: float, m_ms: float, runs: int, nat: str,
@@ -160,14 +175,18 @@ def lab_run(s_ms: float, m_ms: float, runs: int, nat: str,
 
         def client() -> dict[str, list[Sample]]:
             loop = BackgroundLoop()  # its thread is started here, inside the client's namespace
+            kept = RouterClient(stack.router_url, token, ca_file=ca)
 
             def run(command: str, name: str) -> Sample:
-                return _connect_ms(loop, stack.router_url, token, ca, PROFILES[name], servers, [CLIENT_IP], command)
+                warm = command == "tunnel-warm"
+                return _connect_ms(loop, stack.router_url, token, ca, PROFILES[name], servers, [CLIENT_IP],
+                                   "tunnel" if warm else command, kept if warm else None)
             try:
-                for command in commands:  # warm-up, one of each command
+                for command in commands:  # warm-up, one of each command (and kept's connection)
                     run(command, "ours-trickle")
                 return _series(run, _plan(commands), runs)
             finally:
+                kept.close()
                 loop.stop()
         return run_in_netns(stack.lab.ns("cli"), client)
 
@@ -226,7 +245,8 @@ def main() -> int:
                         help="k in the floor 3 S + k M (the model's 4.5 by default)")
     parser.add_argument("--skip-media-only", action="store_true", help="do not measure k at S = 0")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--commands", default="tunnel,launch", help="tunnel, launch or both (comma-separated)")
+    parser.add_argument("--commands", default="tunnel,launch,tunnel-warm",
+                        help="comma-separated: tunnel, launch, tunnel-warm (a kept-alive router connection)")
     parser.add_argument("--nat", choices=("routed", "cone"), default="routed")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--skip-lab", action="store_true")
@@ -250,9 +270,11 @@ def main() -> int:
         report["media_round_trips"] = k
         results = lab_run(args.signaling_rtt_ms, args.media_rtt_ms, args.runs, args.nat, commands)
         floors = {"tunnel": floor_ms(args.signaling_rtt_ms, args.media_rtt_ms, k),
-                  "launch": launch_floor_ms(args.signaling_rtt_ms, args.media_rtt_ms, k)}
+                  "launch": launch_floor_ms(args.signaling_rtt_ms, args.media_rtt_ms, k),
+                  "tunnel-warm": warm_floor_ms(args.signaling_rtt_ms, args.media_rtt_ms, k)}
         report["floor_ms"] = floors["tunnel"]
         report["launch_floor_ms"] = floors["launch"]
+        report["warm_floor_ms"] = floors["tunnel-warm"]
         report["profiles"] = {}
         for key, samples in results.items():
             times = [t for t, _ in samples]
@@ -262,7 +284,8 @@ def main() -> int:
                                        "checkpoints_median_ms": _checkpoint_medians(samples)}
         report["meta"]["load_average_end"] = list(os.getloadavg())
         print(f"S = {args.signaling_rtt_ms:g} ms, M = {args.media_rtt_ms:g} ms, TLS charged, {args.nat}; "
-              f"floor = 3 S + {k:.2f} M = {floors['tunnel']:.0f} ms (tunnel and launch)")
+              f"floor = 3 S + {k:.2f} M = {floors['tunnel']:.0f} ms (tunnel and launch), "
+              f"S + {k:.2f} M = {floors['tunnel-warm']:.0f} ms (tunnel-warm)")
         print(f"{'command/profile':38} {'median':>8} {'min':>8} {'max':>8} {'/floor':>7}  checkpoints (median ms)")
         for key, entry in report["profiles"].items():
             marks = " ".join(f"{n}={v:.0f}" for n, v in entry["checkpoints_median_ms"].items())
@@ -275,6 +298,8 @@ def main() -> int:
             for name in OURS:
                 ratio = report["profiles"][f"{command}/{name}"]["ratio_to_floor"]
                 targets[f"{command}/{name} <= {TARGET_FLOOR_RATIO} x floor"] = ratio <= TARGET_FLOOR_RATIO
+            if command == "tunnel-warm":
+                continue  # no Keeper profile here: the comparison is the answer's path
             for keeper in ("keeper-post-pr", "keeper-pre-pr"):
                 ratios[f"{command}/{keeper} / ours-trickle"] = round(
                     report["profiles"][f"{command}/{keeper}"]["median_ms"] / ours, 2)

@@ -514,7 +514,10 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
     worker = result.candidate_worker
 
     def late(candidate: dict[str, Any] | None) -> None:
-        worker.submit(sender.add, [] if candidate is None else [candidate], candidate is None)
+        try:
+            worker.submit(sender.add, [] if candidate is None else [candidate], candidate is None)
+        except RuntimeError:  # the session closed (its worker shut down) before gathering ended
+            log.debug("late candidate after the session closed: not sent")
 
     if not in_offer:
         def gathered(future: Any) -> None:
