@@ -280,7 +280,8 @@ def main() -> int:
             times = [t for t, _ in samples]
             floor = floors[key.split("/")[0]]
             report["profiles"][key] = {"median_ms": _median(times), "min_ms": min(times), "max_ms": max(times),
-                                       "ratio_to_floor": round(_median(times) / floor, 3), "samples": times,
+                                       "ratio_to_floor": round(_median(times) / floor, 3) if floor else None,
+                                       "samples": times,
                                        "checkpoints_median_ms": _checkpoint_medians(samples)}
         report["meta"]["load_average_end"] = list(os.getloadavg())
         print(f"S = {args.signaling_rtt_ms:g} ms, M = {args.media_rtt_ms:g} ms, TLS charged, {args.nat}; "
@@ -289,14 +290,16 @@ def main() -> int:
         print(f"{'command/profile':38} {'median':>8} {'min':>8} {'max':>8} {'/floor':>7}  checkpoints (median ms)")
         for key, entry in report["profiles"].items():
             marks = " ".join(f"{n}={v:.0f}" for n, v in entry["checkpoints_median_ms"].items())
-            print(f"{key:38} {entry['median_ms']:8.0f} {entry['min_ms']:8.0f} {entry['max_ms']:8.0f} "
-                  f"{entry['ratio_to_floor']:7.2f}  {marks}")
+            ratio = f"{entry['ratio_to_floor']:7.2f}" if entry["ratio_to_floor"] is not None else "      -"
+            print(f"{key:38} {entry['median_ms']:8.0f} {entry['min_ms']:8.0f} {entry['max_ms']:8.0f} {ratio}  {marks}")
         ratios: dict[str, float] = {}
         targets: dict[str, bool] = {}
         for command in commands:
             ours = report["profiles"][f"{command}/ours-trickle"]["median_ms"]
             for name in OURS:
                 ratio = report["profiles"][f"{command}/{name}"]["ratio_to_floor"]
+                if ratio is None:
+                    continue  # S = M = 0: no floor to compare with
                 targets[f"{command}/{name} <= {TARGET_FLOOR_RATIO} x floor"] = ratio <= TARGET_FLOOR_RATIO
             if command == "tunnel-warm":
                 continue  # no Keeper profile here: the comparison is the answer's path
