@@ -397,6 +397,9 @@ class ConnectOptions:
     legacy_ws_ready_wait: bool = False
     legacy_backend_delay_s: float = 0.0
     legacy_per_candidate: bool = False
+    # Trickle: ask for the answer in the offer's reply (a current gateway has it by then); False
+    # takes it from the conversation stream as older clients do (kept for benchmarks).
+    answer_in_reply: bool = True
 
 
 @dataclass
@@ -496,7 +499,9 @@ def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str | None
 
     conversation_id = new_conversation_id()
     holder: dict[str, ClientPeer] = {}
-    listener = StreamListener(router, conversation_id, lambda event: _on_stream_event(loop, holder, event, phase))
+    answer_once = AnswerOnce()
+    listener = StreamListener(router, conversation_id,
+                              lambda event: _on_stream_event(loop, holder, event, phase, answer_once))
     listener.start()
     try:
         peer = _run(loop, ClientPeer.create(ice_servers, host_addresses, terminal=session.mode == "terminal",
@@ -514,7 +519,7 @@ def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str | None
         peer.ice_connected_callback = lambda: timing.checkpoint("ice_connected")
     result = Session(loop, router, gateway, resource, conversation_id, peer, listener, trickle)
     try:
-        _negotiate(result, session, phase, deadline, options, on_candidate_action)
+        _negotiate(result, session, phase, deadline, options, on_candidate_action, answer_once)
     except BaseException as exc:
         result.close(notify=True, wait=not isinstance(exc, KeyboardInterrupt))
         raise
@@ -522,7 +527,8 @@ def open_session(loop: BackgroundLoop, router: RouterClient, gateway: str | None
 
 
 def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase, deadline: float, options: ConnectOptions,
-               on_candidate_action: Callable[[dict[str, Any], CandidateSender], None] | None) -> None:
+               on_candidate_action: Callable[[dict[str, Any], CandidateSender], None] | None,
+               answer_once: "AnswerOnce") -> None:
     loop, router, peer, trickle = result.loop, result.router, result.peer, result.trickle
     conversation_id, resource = result.conversation_id, result.resource
     in_offer = not trickle or options.candidates_in_offer is not False
@@ -544,7 +550,10 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
     worker = result.candidate_worker
 
     def late(candidate: dict[str, Any] | None) -> None:
-        worker.submit(sender.add, [] if candidate is None else [candidate], candidate is None)
+        try:
+            worker.submit(sender.add, [] if candidate is None else [candidate], candidate is None)
+        except RuntimeError:  # the session closed (its worker shut down) before gathering ended
+            log.debug("late candidate after the session closed: not sent")
 
     if not in_offer:
         def gathered(future: Any) -> None:
@@ -562,6 +571,8 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
             time.sleep(options.legacy_backend_delay_s)  # compatibility profile only, default off
 
     offer = {"type": "offer", "sdp": sdp, "resource": resource, "session": session.to_json()}
+    if trickle and options.answer_in_reply and not options.legacy_ws_ready_wait:
+        offer["answer_in_reply"] = True  # a gateway that has its answer by then puts it in the reply
     try:  # the reply may be held up at the gateway; the connect deadline bounds the wait
         reply = _send_offer(result, offer, lambda: _remaining(deadline, phase, resource, options))
     except RouterTimeout:
@@ -577,11 +588,12 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
         answer = reply.get("sdp")
         if not isinstance(answer, str):
             raise PamError(f"gateway {gateway} sent no answer to the offer")
-        try:
-            _run(loop, peer.apply_answer(answer), deadline, phase, resource, options)
-        except protocol.ProtocolError as exc:
-            raise PamError(f"gateway {gateway} sent an unusable answer: {exc.message}") from None
-        phase.done("answer_received", "the ICE connection")
+        if answer_once.claim():  # else the stream's copy came first and is applied already
+            try:
+                _run(loop, peer.apply_answer(answer), deadline, phase, resource, options)
+            except protocol.ProtocolError as exc:
+                raise PamError(f"gateway {gateway} sent an unusable answer: {exc.message}") from None
+            phase.done("answer_received", "the ICE connection")
     sender.go_live()
     result.candidate_actions = sender.actions
     if sender.actions:
@@ -646,14 +658,32 @@ def _timeout(phase: _Phase, resource: str, options: ConnectOptions) -> PamError:
     return PamError(f"connecting to {resource} timed out after {options.timeout_s:g} s waiting for {phase.name}")
 
 
+class AnswerOnce:
+    """The answer may come in the offer's reply or on the stream (or both, from a gateway that
+    sends it twice): whichever is first is applied, exactly once (a second setRemoteDescription
+    would fail the peer)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._taken = False
+
+    def claim(self) -> bool:
+        with self._lock:
+            taken, self._taken = self._taken, True
+            return not taken
+
+
 def _on_stream_event(loop: BackgroundLoop, holder: dict[str, ClientPeer], event: dict[str, Any],
-                     phase: _Phase) -> None:
+                     phase: _Phase, answer_once: AnswerOnce) -> None:
     """Runs on the listener thread: hand answer/candidates/state to the peer on the loop."""
     peer = holder.get("peer")
     if peer is None:
         return
     kind = event.get("type")
     if kind == "answer" and isinstance(event.get("sdp"), str):
+        if not answer_once.claim():
+            log.debug("answer on the stream ignored: the offer's reply carried it")
+            return
         future = loop.submit(peer.apply_answer(event["sdp"]))
         future.add_done_callback(lambda f: _report(loop, peer, f, "the gateway's answer was unusable"))
         phase.done("answer_received", "the ICE connection")

@@ -292,7 +292,11 @@ class GatewayAgent:
                 await session.add_candidates(CandidateBatch([], early.end), "batch")
             await session.apply_offer(offer.sdp)
             if action.trickle_ice and CAP_TRICKLE in self.capabilities:
-                return {"accepted": True}, self._answer_later(session)
+                if action.data.get("answer_in_reply") is not True:  # a client that reads only the stream
+                    return {"accepted": True}, self._answer_later(session)
+                # The answer is built from host candidates at once (later ones trickle as events),
+                # so it rides in this reply: the client's stream is then off the critical path.
+                return {"accepted": True, "type": "answer", "sdp": await session.create_answer()}, None
             return {"type": "answer", "sdp": await session.create_answer()}, None
         except ProtocolError:
             await session.close("offer refused", "failed")

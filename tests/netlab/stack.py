@@ -27,8 +27,10 @@ class LabStack:
 
     def __init__(self, workdir: Path, *, client_nat: str = "cone", gateway_nat: str = "cone",
                  gateway_ice: Sequence[str] = (), gateway_policy: str = "all", gateway_ice_timeout: float = 8.0,
-                 with_turn: bool = True, delay_udp_ms: float | None = None, delay_tcp_ms: float = 0.0) -> None:
-        from gateway_support import EchoServer, make_config
+                 with_turn: bool = True, delay_udp_ms: float | None = None, delay_tcp_ms: float = 0.0,
+                 ssh_target: bool = False) -> None:
+        """ssh_target: also a demo SSH server in the gateway's namespace, served as resource 'ssh'."""
+        from gateway_support import EchoServer, make_config, ssh_resource
 
         self.workdir = workdir
         self.lab = Lab(client_nat, gateway_nat, delay_udp_ms=delay_udp_ms, delay_tcp_ms=delay_tcp_ms)
@@ -36,6 +38,7 @@ class LabStack:
         self._loops: list[NetnsLoop] = []
         self.turn: coturn.Coturn | None = None
         self.echo: Any = None
+        self.ssh: Any = None
         try:
             self.lab.build()
             self.ca = TestCA(workdir)
@@ -44,7 +47,13 @@ class LabStack:
                 self.turn = coturn.Coturn(SERVICE_IP, workdir, cert=server.cert, key=server.key,
                                           prefix=self.lab.exec_prefix("pub"))
             self.echo = run_in_netns(self.lab.ns("gw"), EchoServer)
-            data = make_config([{"name": "echo", "kind": "tcp", "host": "127.0.0.1", "port": self.echo.port}],
+            resources = [{"name": "echo", "kind": "tcp", "host": "127.0.0.1", "port": self.echo.port}]
+            if ssh_target:
+                from commander_pam_plugin.gateway.demo_ssh import DemoSSHServer
+                self._ssh_loop = self._loop("gw")
+                self.ssh = self._ssh_loop.run(DemoSSHServer().start())
+                resources.append(ssh_resource(self.ssh))
+            data = make_config(resources,
                                router={"tls_cert": str(server.cert), "tls_key": str(server.key)},
                                host_addresses=[GATEWAY_IP], ice_servers=[self.ice(s) for s in gateway_ice],
                                ice_transport_policy=gateway_policy, ice_timeout=gateway_ice_timeout,
@@ -114,6 +123,8 @@ class LabStack:
     def close(self) -> None:
         for loop in reversed(self._loops):
             try:
+                if self.ssh is not None and loop is self._ssh_loop:
+                    loop.run(_close(self.ssh), 15)
                 if loop.netns.endswith("-gw") and hasattr(self, "agent"):
                     loop.run(self.agent.stop(), 15)
                 if loop.netns.endswith("-pub") and hasattr(self, "router"):
@@ -133,6 +144,10 @@ class LabStack:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def _close(server: Any) -> None:
+    server.close()  # on the loop that serves it
 
 
 def _toml(value: Any) -> str:
