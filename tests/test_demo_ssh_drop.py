@@ -54,11 +54,17 @@ def test_a_dropped_connection_ends_the_command_and_leaves_no_unawaited_cleanup(p
         finally:
             server.close()
 
-    gc.collect()  # what earlier tests left is theirs: collect it before recording
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        asyncio.run(asyncio.wait_for(main(), 60))
-        gc.collect()
+    # What earlier tests left is theirs: collect it first, and let no automatic collection run
+    # while recording, so the final collect finds only this test's garbage.
+    gc.collect()
+    gc.disable()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            asyncio.run(asyncio.wait_for(main(), 60))
+            gc.collect()
+    finally:
+        gc.enable()
     unawaited = [str(w.message) for w in caught if "never awaited" in str(w.message)]
     assert not unawaited, unawaited
 
