@@ -105,3 +105,27 @@ def test_a_killed_pool_gateway_heals_the_tunnel_through_the_other(agent_socket: 
             for gateway in gateways.values():
                 gateway.stop()
             router.stop()
+
+
+def test_a_new_session_is_addressed_as_the_tunnel_was_first(mocker) -> None:
+    """Narrow: the re-offer after a loss names a gateway only if the first offer did (a tunnel
+    resolved to a named gateway stays there; one by resource lets the router pick again)."""
+    from commander_pam_plugin.config import PamConfig
+    from commander_pam_plugin.errors import PamError
+    from commander_pam_plugin.runtime import PamRuntime
+    from commander_pam_plugin.tunnel import Tunnel
+
+    runtime = PamRuntime(PamConfig(router_url="http://127.0.0.1:9", token="t"))
+    try:
+        connect = mocker.patch.object(runtime, "connect", side_effect=PamError("stop here"))
+        by_resource = Tunnel("db", "", "127.0.0.1", addressed_gateway="")
+        by_name = Tunnel("db", "gw-1", "127.0.0.1", addressed_gateway="gw-1")
+        for tunnel in (by_resource, by_name):
+            tunnel.gateway = "gw-1"  # learnt from the first offer's reply; that gateway then died
+            try:
+                runtime.attach_session(None, tunnel)
+            except PamError:
+                pass
+        assert [call.args[1].gateway for call in connect.call_args_list] == [None, "gw-1"]
+    finally:
+        runtime.shutdown()
