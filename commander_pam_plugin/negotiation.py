@@ -214,7 +214,8 @@ class RouterClient:
         entry = lookup_resource(items, resource)
         if entry is None:
             known = ", ".join(sorted({str(r.get("name")) for r in items})) or "none"
-            raise PamError(f"unknown resource {resource!r}; resources you may use: {known}")
+            # the router's list says so: as final as its own 404 (healing does not retry it)
+            raise RouterRefusal(f"unknown resource {resource!r}; resources you may use: {known}", 404)
         return str(entry.get("gateway"))
 
     def stream_url(self, conversation_id: str) -> str:

@@ -145,7 +145,8 @@ class PamRuntime:
                      options: ConnectOptions | None = None, tunnel_id: str | None = None,
                      heal: bool = False) -> Tunnel:
         """Bind the local port, negotiate, and serve; returns once the data plane is up."""
-        tunnel = Tunnel(ref.name, ref.gateway or "", host, port, on_lost=on_lost, heal=heal)
+        tunnel = Tunnel(ref.name, ref.gateway or "", host, port, on_lost=on_lost, heal=heal,
+                        addressed_gateway=ref.gateway or "")
         if tunnel_id is not None:  # the agent's ids ("a1") never collide with a shell's own ("t1")
             tunnel.id = tunnel_id
         try:
@@ -185,7 +186,7 @@ class PamRuntime:
         reused = shared is not None
         if shared is None:
             prefetch = self._prefetch_resources() if self.reuse_peers else None
-            session = self.connect(hook, ResourceRef(tunnel.resource, tunnel.gateway or None),
+            session = self.connect(hook, ResourceRef(tunnel.resource, tunnel.addressed_gateway or None),
                                    protocol.SessionRequest(mode="tunnel"), trickle=trickle,
                                    timing=timing, options=options)
             if prefetch is not None:

@@ -190,6 +190,9 @@ class Tunnel:
     on_lost: Callable[["Tunnel"], None] | None = None
     heal: bool = False  # on loss keep the listener, say "reconnecting": the agent attaches a new session
     stream_resource: str | None = None  # on a reused peer opened for another resource: name ours in each open
+    # the gateway the offer was addressed to ("" = by resource: the router picks a live pool member);
+    # a new session (healing) is addressed the same way, so a pooled tunnel heals through any member
+    addressed_gateway: str = ""
     _server: asyncio.AbstractServer | None = None
     _ready: asyncio.Event | None = None
     _pending: dict[int, asyncio.Future[tuple[str | None, int | None]]] = field(default_factory=dict)
