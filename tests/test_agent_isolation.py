@@ -60,7 +60,10 @@ def _connect_as(user: pwd.struct_passwd, path: Path) -> str:
                 with socket.socket(socket.AF_UNIX) as sock:
                     sock.settimeout(10)
                     sock.connect(str(path))
-                    sock.sendall(b'{"op": "list"}\n')
+                    try:
+                        sock.sendall(b'{"op": "list"}\n')
+                    except BrokenPipeError:  # the agent refused and closed first: its answer is still to read
+                        pass
                     result = "answer " + sock.makefile("rb").readline().decode(errors="replace")
             except OSError as exc:
                 result = f"oserror {exc.__class__.__name__}"
