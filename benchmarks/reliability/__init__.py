@@ -11,7 +11,7 @@ cannot drift apart. Everything is real and on 127.0.0.1: `pam-gateway serve/rout
 processes (or the embedded stack where the test needs to look inside), aiortc peers, TCP
 targets, an asyncssh server, the plugin's own runtime and shell.
 
-One module per check family (fuzz, access, faults, timeouts, load, secret_scan), the shared
+One module per check family (fuzz, access, faults, timeouts, load, secret_scan, tenancy), the shared
 stack helpers in `stack`, the run and the table in `table`.
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ from .load import concurrent_sessions, echo_load, open_close_cycles  # noqa: E40
 from .secret_scan import find_secrets, secrets_scan  # noqa: E402
 from .stack import Row, echo_resource, to_toml  # noqa: E402
 from .table import FULL, QUICK, checks, main  # noqa: E402
+from .tenancy import tenancy, tenancy_table  # noqa: E402
 from .timeouts import connect_timeouts, target_faults  # noqa: E402
 
 __all__ = ["FULL", "QUICK", "ROOT", "Row", "access_control", "checks", "client_killed", "concurrent_sessions",
            "connect_timeouts", "echo_load", "echo_resource", "find_secrets", "fuzz", "gateway_killed", "main",
-           "open_close_cycles", "router_restarted", "secrets_scan", "target_faults", "to_toml"]
+           "open_close_cycles", "router_restarted", "secrets_scan", "target_faults", "tenancy", "tenancy_table", "to_toml"]
