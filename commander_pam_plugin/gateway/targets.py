@@ -251,6 +251,8 @@ class TcpStream:
             await asyncio.wait({drain, closed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await _cancel([closed] + ([] if drain.done() else [drain]))
+            if drain.done() and not drain.cancelled():
+                drain.exception()  # retrieved: a reset target while we are cancelled is no ERROR line
         if drain.cancelled():
             raise ChannelClosed()
         drain.result()
