@@ -163,7 +163,9 @@ def to_toml(config: dict[str, Any]) -> str:
 class GatewayProcess:
     """`pam-gateway serve` in its own process, so the test process holds only client resources."""
 
-    def __init__(self, config: dict[str, Any], tmp_path: Any, port: int | None = None) -> None:
+    def __init__(self, config: dict[str, Any], tmp_path: Any, port: int | None = None,
+                 preexec_fn: Any = None, online_line: str | None = None) -> None:
+        """online_line: the log line that means ready (default: the gateway's "online" line)."""
         import subprocess
         import sys
 
@@ -176,9 +178,10 @@ class GatewayProcess:
         self.router_url = f"http://127.0.0.1:{self.port}"
         self.gateway_name = config["gateway"]["name"]
         self.log: list[str] = []
+        self._online_line = online_line or f"gateway {self.gateway_name} online"
         self.process = subprocess.Popen([sys.executable, "-m", "commander_pam_plugin.gateway", "serve",
                                          "--config", str(self.path)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+                                        stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
         self._online = threading.Event()
         threading.Thread(target=self._read_log, daemon=True).start()
         if not self._online.wait(30):
@@ -189,7 +192,7 @@ class GatewayProcess:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.log.append(line.rstrip())
-            if f"gateway {self.gateway_name} online" in line:
+            if self._online_line in line:
                 self._online.set()
 
     def user_token(self, name: str) -> str:

@@ -13,14 +13,12 @@ import hashlib
 import os
 import resource
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from client_support import to_toml
+from client_support import GatewayProcess
 
 SLOW_RATE = 64 * 1024  # bytes per second
 OFFERED = 200 * 1024 * 1024  # what a sender offers in the back-pressure tests
@@ -170,62 +168,21 @@ def flatten_limits(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-class LimitedGateway:
+class LimitedGateway(GatewayProcess):
     """`pam-gateway serve` in its own process with RLIMIT_NOFILE set to `nofile` (like `ulimit -n`)."""
 
     def __init__(self, config: dict[str, Any], tmp_path: Path, nofile: int | None = None) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        config.setdefault("router", {})["listen"] = f"127.0.0.1:{self.port}"
-        self.config = config
-        path = tmp_path / f"gateway-{self.port}.toml"
-        path.write_text(to_toml(flatten_limits(config)))
-        path.chmod(0o600)
-        self.router_url = f"http://127.0.0.1:{self.port}"
-        self.gateway_name = config["gateway"]["name"]
-        self.log: list[str] = []
-
         def limit() -> None:
             if nofile is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-        self.process = subprocess.Popen([sys.executable, "-m", "commander_pam_plugin.gateway", "serve",
-                                         "--config", str(path)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True, preexec_fn=limit)
-        self._online = threading.Event()
-        threading.Thread(target=self._read_log, daemon=True).start()
-        if not self._online.wait(30):
-            self.kill()
-            raise RuntimeError("gateway process did not come online:\n" + "\n".join(self.log))
-
-    def _read_log(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.log.append(line.rstrip())
-            if "descriptor limit" in line:
-                self._online.set()
-
-    def user_token(self, name: str) -> str:
-        return next(u["token"] for u in self.config["users"] if u["name"] == name)
+        super().__init__(flatten_limits(config), tmp_path, preexec_fn=limit, online_line="descriptor limit")
 
     def rss(self) -> int:
         return rss_bytes(self.process.pid)
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def reset_after_first_block(conn: socket.socket) -> None:
