@@ -82,6 +82,7 @@ class GatewayAgent:
         self.capabilities = list(settings.capabilities if settings.capabilities is not None else default_caps)
         self.sessions: dict[str, AnswerSession] = {}
         self.governor = Governor(settings)  # policy hooks, approvals, limits, audit (governance.py)
+        self._control: Any = None  # control.ControlServer while run() serves one
         self.descriptor_limit = descriptor_limit()
         self.limits = settings.limits.resolved(self.descriptor_limit)
         self.connections = ConnectionQuota(self.limits)  # shared by every session of this gateway
@@ -125,6 +126,17 @@ class GatewayAgent:
                     await asyncio.wait_for(self._stopping.wait(), next(delays))
                 except asyncio.TimeoutError:
                     pass
+
+    async def start_control(self) -> None:
+        """The local control socket (gateway.control_socket), if configured: before run(), so a
+        socket that cannot be served fails the start (OSError) instead of a background task."""
+        path = self.settings.governance.control_socket
+        if path is not None and self._control is None:
+            from .control import ControlServer
+
+            control = ControlServer(path, self.governor)
+            await control.start()
+            self._control = control
 
     async def _serve_link(self, http: aiohttp.ClientSession) -> bool:
         """One connection: hello, welcome, then actions until it drops. True if welcomed."""
@@ -200,6 +212,8 @@ class GatewayAgent:
         self._stopping.set()
         await asyncio.gather(*(s.close("gateway shutting down") for s in list(self.sessions.values())),
                              return_exceptions=True)
+        if self._control is not None:
+            await self._control.close()
         if self._ws is not None:
             await self._ws.close()
         for task in list(self._tasks):

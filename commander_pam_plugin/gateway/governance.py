@@ -79,12 +79,12 @@ class Governor:
 
     # --- records ---------------------------------------------------------------------------
 
-    def record(self, kind: str, request: AccessRequest | None = None, **fields: Any) -> dict[str, Any]:
+    def record(self, kind: str, access: AccessRequest | None = None, **fields: Any) -> dict[str, Any]:
         """One audit line (and the session-event hook): the request's who/what/why plus `fields`."""
-        if request is not None:
-            fields = {"conversation": request.conversation_id, "user": request.user,
-                      "resource": request.resource.name, "mode": request.mode, "reason": request.reason,
-                      "ticket": request.ticket, **fields}
+        if access is not None:
+            fields = {"conversation": access.conversation_id, "user": access.user,
+                      "resource": access.resource.name, "mode": access.mode, "reason": access.reason,
+                      "ticket": access.ticket, **fields}
         entry = self.audit.record(kind, gateway=self.settings.name, **fields)
         try:
             self.pm.hook.pam_gateway_session_event(event=GatewaySessionEvent(kind, dict(entry)))
@@ -159,7 +159,16 @@ class Governor:
         request_id, decision = data.get("request"), data.get("decision", "approve")
         if not isinstance(request_id, str) or decision not in ("approve", "deny"):
             raise ProtocolError(400, "approve needs a request id and a decision of approve or deny")
-        pending = self.approvals.decide(request_id, approver, decision == "approve", _text(data.get("reason")) or "")
+        try:
+            pending = self.approvals.decide(request_id, approver, decision == "approve",
+                                            _text(data.get("reason")) or "")
+        except ProtocolError as exc:
+            held = self.approvals.pending.get(request_id)
+            if held is not None:  # a refused answer to a real request is audited too (self-approval)
+                self.record("approval", request=held.id, conversation=held.conversation_id, user=held.user,
+                            resource=held.resource, mode=held.mode, verdict="refused", approver=approver,
+                            detail=exc.message)
+            raise
         log.info("request %s (%s, %s) %s by %s", pending.id, pending.user, pending.resource,
                  "approved" if decision == "approve" else "denied", approver)
         return {"request": pending.id, "decision": decision}
