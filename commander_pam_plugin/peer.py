@@ -188,7 +188,7 @@ class ClientPeer:
             self.send_control("ended")
             return
         if parsed["op"] == "notice":  # a line for the user from the gateway (a limit's warning)
-            log.warning("gateway: %s", str(parsed.get("message"))[:300])
+            log.info("gateway: %s", str(parsed.get("message"))[:300])
             return
         for handler in list(self._control_handlers):
             handler(parsed)

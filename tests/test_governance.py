@@ -57,7 +57,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
             {"name": "needs-reason", **tcp, "port": guarded.port, "access": {"require_reason": True}},
             {"name": "frozen", **tcp, "port": guarded.port},
             {"name": "db-live", **tcp, "port": echo.port},
-            ssh_resource(ssh, "box-approve", access={"approvers": ["bob"]}),
+            ssh_resource(ssh, "box-approve", access={"approvers": ["alice", "bob"]}),  # alice: never for her own
             ssh_resource(ssh, "box-short", access={"max_duration_s": 2, "warn_before_s": 1}),
             ssh_resource(ssh, "box-live"),
             {**{k: v for k, v in ssh_resource(ssh, "vault-box").items() if k != "password"},
@@ -129,7 +129,10 @@ def _ended(stack: Any, conversation: str) -> None:
 ])
 def test_a_denied_offer_never_reaches_the_target(stack: Any, resource: str, refusal: str) -> None:
     before = len(_audit(stack, resource=resource))
-    result = _pam(stack, "tunnel", "start", resource, "--run", "true")
+    # --run would reach the target through the tunnel (one echoed byte) if the offer were allowed
+    probe = f"{sys.executable} -c \"import socket; s = socket.create_connection(('{{host}}', {{port}}), 10); " \
+            "s.sendall(b'x'); assert s.recv(1) == b'x'\""
+    result = _pam(stack, "tunnel", "start", resource, "--run", probe)
     assert result.returncode != 0
     assert f"access to {resource} denied: {refusal}" in result.stderr
     assert stack["guarded"].connections == 0  # a real listener: no accept, ever
@@ -149,12 +152,15 @@ def test_approval_waits_refuses_self_approval_and_connects_once_the_named_approv
         for line in launch.stderr:
             waiting.setdefault("text", "")
             waiting["text"] += line
-            if "waiting for approval by bob (request " in line:
+            if "waiting for approval by " in line:
+                waiting["line"] = line
                 waiting["request"] = line.split("(request ")[1].split(")")[0]
                 seen.set()
     threading.Thread(target=read_stderr, daemon=True).start()
     try:
         assert seen.wait(WAIT), waiting
+        assert "box-approve: waiting for approval by bob (request " in waiting["line"]  # never alice herself
+        assert "(up to 40 s)" in waiting["line"]
         request_id = waiting["request"]
         gateway = stack["gateway"]
 
