@@ -117,9 +117,10 @@ class Governor:
             decision = Decision.deny("the gateway's access policy failed")
         if not isinstance(decision, Decision):
             decision = Decision.deny("the gateway's access policy gave no decision")
-        if decision.verdict == "hold" and not [a for a in decision.approvers if a != request.user]:
-            decision = Decision.deny(f"{request.resource.name} needs approval and has no approver "
-                                     f"other than {request.user}")
+        if decision.verdict == "hold":  # a user never approves their own request
+            others = tuple(a for a in decision.approvers if a != request.user)
+            decision = Decision.hold(others, decision.reason) if others else Decision.deny(
+                f"{request.resource.name} needs approval and has no approver other than {request.user}")
         if audit:
             self.record("decision", request, verdict=decision.verdict, detail=decision.reason or None,
                         approvers=list(decision.approvers) or None)
