@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import requests
 
+from agent_support import agent_socket, last_json, run_shell, shell_env  # noqa: F401 (agent_socket: fixture)
 from commander_pam_plugin.gateway.embedded import EmbeddedGateway
 from gateway_support import EchoServer, demo_ssh_server, make_config, ssh_resource
 
@@ -57,6 +58,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
             {"name": "needs-reason", **tcp, "port": guarded.port, "access": {"require_reason": True}},
             {"name": "frozen", **tcp, "port": guarded.port},
             {"name": "db-live", **tcp, "port": echo.port},
+            {"name": "db-approve", **tcp, "port": guarded.port, "access": {"approvers": ["bob"]}},
+            {"name": "db-idle", **tcp, "port": echo.port, "access": {"idle_timeout_s": 1.5, "warn_before_s": 1}},
+            {"name": "db-ticket", **tcp, "port": echo.port,
+             "access": {"require_reason": True, "require_ticket": True}},
             ssh_resource(ssh, "box-approve", access={"approvers": ["alice", "bob"]}),  # alice: never for her own
             ssh_resource(ssh, "box-short", access={"max_duration_s": 2, "warn_before_s": 1}),
             ssh_resource(ssh, "box-live"),
@@ -260,3 +265,72 @@ def test_a_plugin_supplies_the_password_at_connect_time_and_it_is_written_nowher
                  listed.stdout, listed.stderr]:
         assert password not in text
     assert _kinds(_audit(stack, conversation=conversation)) == ["decision", "open", "end"]
+
+
+def _waiting_request(process: subprocess.Popen[str]) -> tuple[str, list[str]]:
+    """Read the client's stderr up to the line naming what it waits for: (request id, lines so far)."""
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "waiting for approval by " in line:
+            return line.split("(request ")[1].split(")")[0], lines
+    raise AssertionError("".join(lines))
+
+
+def test_an_approver_denies_with_pam_gateway_and_the_target_is_never_reached(stack: Any) -> None:
+    tunnel = _pam_background(stack, "tunnel", "start", "db-approve", "--reason", "export", "--wait-timeout", "40")
+    try:
+        request_id, _ = _waiting_request(tunnel)
+        pending = json.loads(_gateway_cli(stack, "pending", "--json").stdout)
+        assert [(p["id"], p["user"], p["approvers"]) for p in pending] == [(request_id, "alice", ["bob"])]
+        denied = _gateway_cli(stack, "deny", request_id, "--as", "bob", "--reason", "not during the audit")
+        assert denied.returncode == 0, denied.stderr
+        _, err = tunnel.communicate(timeout=WAIT)
+    finally:
+        if tunnel.poll() is None:
+            tunnel.kill()
+    assert tunnel.returncode == 1
+    assert f"request {request_id} denied by bob: not during the audit" in err
+    assert stack["guarded"].connections == 0
+    entries = _audit(stack, resource="db-approve")
+    assert [(e["kind"], e["verdict"]) for e in entries] == [("decision", "hold"), ("approval", "denied")]
+    assert entries[1]["approver"] == "bob" and entries[1]["detail"] == "not during the audit"
+
+
+def test_a_held_request_that_nobody_answers_ends_at_the_wait_timeout(stack: Any) -> None:
+    before = len(_audit(stack, resource="db-approve"))
+    result = _pam(stack, "tunnel", "start", "db-approve", "--run", "true", "--wait-timeout", "1")
+    assert result.returncode == 1
+    assert "no answer for db-approve within --wait-timeout 1 s (waited for approval by bob (request " \
+        in result.stderr, result.stderr
+    conversation = _audit(stack, resource="db-approve")[before]["conversation"]
+    stack["plugin"].wait_for(lambda e: e.kind == "approval" and e.record["conversation"] == conversation)
+    entries = _audit(stack, resource="db-approve")[before:]
+    assert [(e["kind"], e["verdict"]) for e in entries] == [("decision", "hold"), ("approval", "withdrawn")]
+    assert json.loads(_gateway_cli(stack, "pending", "--json").stdout) == []
+
+
+def test_an_idle_tunnel_is_warned_then_ended(stack: Any) -> None:
+    result = _pam(stack, "tunnel", "start", "db-idle")  # foreground: until the tunnel ends
+    assert result.returncode == 1
+    assert "gateway: this session on db-idle ends in 1 s (idle timeout of 1.5 s)" in result.stderr, result.stderr
+    assert "lost: session ended by the gateway: idle for 1.5 s" in result.stderr
+    entries = _audit(stack, resource="db-idle")
+    assert _kinds(entries) == ["decision", "open", "end"]
+    assert entries[2]["detail"] == "session ended by the gateway: idle for 1.5 s"
+
+
+def test_reason_and_ticket_pass_through_the_agent_for_a_background_tunnel(stack: Any, tmp_path: Path,
+                                                                          agent_socket: Path) -> None:
+    env = shell_env(tmp_path, agent_socket, stack["gateway"])
+    started = run_shell(env, "pam tunnel start db-ticket --background --json --reason 'restore a table' "
+                             "--ticket INC-7")
+    assert started.returncode == 0, started.stderr
+    assert last_json(started.stdout)["resource"] == "db-ticket"
+    conversation = _session_of(stack, "db-ticket")
+    assert run_shell(env, "pam tunnel stop --all").returncode == 0
+    _ended(stack, conversation)
+    entries = _audit(stack, conversation=conversation)
+    assert _kinds(entries) == ["decision", "open", "end"]
+    assert {(e["reason"], e["ticket"]) for e in entries} == {("restore a table", "INC-7")}

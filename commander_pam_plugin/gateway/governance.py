@@ -39,6 +39,7 @@ class LiveSession:
     last_bytes: int = 0
     last_active: float = field(default_factory=time.monotonic)
     warned: bool = False
+    rebaseline: bool = False  # the warning itself (and the client's SACK of it) is not activity
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     ended: bool = False
 
@@ -235,14 +236,16 @@ class Governor:
         assert rules.idle_timeout_s is not None
         now = time.monotonic()
         total = session_bytes(live.session)
-        if total != live.last_bytes:
+        if live.rebaseline:
+            live.last_bytes, live.rebaseline = total, False
+        elif total != live.last_bytes:
             live.last_bytes, live.last_active, live.warned = total, now, False
         idle = now - live.last_active
         if idle >= rules.idle_timeout_s:
             self._limit(live, f"idle for {rules.idle_timeout_s:g} s")
             return
         if not live.warned and idle >= rules.idle_timeout_s - rules.warn_before_s:
-            live.warned = True
+            live.warned = live.rebaseline = True
             self._warn(live, round(rules.idle_timeout_s - idle), f"idle timeout of {rules.idle_timeout_s:g} s")
         loop = asyncio.get_running_loop()
         live.timers.append(loop.call_later(rules.idle_timeout_s / IDLE_CHECKS_PER_TIMEOUT, self._idle_check, live))
