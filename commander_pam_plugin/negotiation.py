@@ -595,8 +595,9 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
         sender.batch = False  # before go_live: nothing has been sent yet
     if trickle and not reply.get("sdp"):
         phase.done("offer_acked", "the answer on the conversation stream")
-    if reply.get("held") is True:  # the gateway waits for an approver: so do we, up to wait_timeout_s
-        deadline = _held(reply, resource, phase, options)
+    held = reply.get("held") is True  # the gateway waits for an approver: so do we, up to wait_timeout_s
+    if held:
+        _held(reply, resource, phase, options)
     else:
         answer = reply.get("sdp")
         if not isinstance(answer, str):
@@ -608,6 +609,10 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
                 raise PamError(f"gateway {gateway} sent an unusable answer: {exc.message}") from None
             phase.done("answer_received", "the ICE connection")
     sender.go_live()
+    if held:  # the answer (approved) or a failed state (denied, expired) on the stream ends the wait
+        if not answer_once.news.wait(options.wait_timeout_s):
+            raise _timeout(phase, resource, options)
+        deadline = time.monotonic() + options.timeout_s  # then a connect like any other
     result.candidate_actions = sender.actions
     if sender.actions:
         phase.done("candidates_sent", phase.name)
@@ -651,13 +656,12 @@ def _send_offer(result: Session, offer: dict[str, Any], timeout: Callable[[], fl
     return router.action(result.gateway, "offer", conversation_id, offer, result.trickle, timeout())
 
 
-def _held(reply: dict[str, Any], resource: str, phase: _Phase, options: ConnectOptions) -> float:
-    """Say what the held offer waits for (one line); the new deadline: the wait, then a connect."""
+def _held(reply: dict[str, Any], resource: str, phase: _Phase, options: ConnectOptions) -> None:
+    """Say what the held offer waits for (one line, and the phase a timeout names)."""
     waiting = " ".join(str(reply.get("waiting_for") or "approval").split())[:200]
     log.info("%s: waiting for %s (up to %g s)", resource, waiting, options.wait_timeout_s)
     phase.name = waiting
     phase.held_s = options.wait_timeout_s
-    return time.monotonic() + options.wait_timeout_s + options.timeout_s
 
 
 def _run(loop: BackgroundLoop, coro: Any, deadline: float, phase: _Phase, resource: str,
@@ -691,8 +695,10 @@ class AnswerOnce:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._taken = False
+        self.news = threading.Event()  # an answer or an end arrived (what a held offer waits for)
 
     def claim(self) -> bool:
+        self.news.set()
         with self._lock:
             taken, self._taken = self._taken, True
             return not taken
@@ -716,6 +722,7 @@ def _on_stream_event(loop: BackgroundLoop, holder: dict[str, ClientPeer], event:
         future = loop.submit(peer.add_remote_candidates(event["candidates"], bool(event.get("end_of_candidates"))))
         future.add_done_callback(lambda f: _report(loop, peer, f, "the gateway sent an unusable candidate"))
     elif kind == "stream_failed":
+        answer_once.news.set()
         if not peer.ready.is_set() and peer.trickle_expected:
             loop.call_soon(peer.mark_lost, str(event["message"]))
     elif kind in ("state", "error"):
@@ -723,6 +730,7 @@ def _on_stream_event(loop: BackgroundLoop, holder: dict[str, ClientPeer], event:
         reason = str(event.get("reason") or event.get("message") or state or "error")
         if kind == "error" or state in ("closed", "failed"):
             loop.call_soon(peer.mark_lost, reason[:200])
+            answer_once.news.set()
 
 
 def _report(loop: BackgroundLoop, peer: ClientPeer, future: Any, reason: str) -> None:

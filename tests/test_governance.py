@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -300,7 +301,9 @@ def test_an_approver_denies_with_pam_gateway_and_the_target_is_never_reached(sta
 
 def test_a_held_request_that_nobody_answers_ends_at_the_wait_timeout(stack: Any) -> None:
     before = len(_audit(stack, resource="db-approve"))
+    started = time.monotonic()
     result = _pam(stack, "tunnel", "start", "db-approve", "--run", "true", "--wait-timeout", "1")
+    assert time.monotonic() - started < 12  # generous: not the 15 s connect timeout on top of the wait
     assert result.returncode == 1
     assert "no answer for db-approve within --wait-timeout 1 s (waited for approval by bob (request " \
         in result.stderr, result.stderr
