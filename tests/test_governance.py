@@ -175,6 +175,12 @@ def test_approval_waits_refuses_self_approval_and_connects_once_the_named_approv
                                  headers={"Authorization": f"Bearer {gateway.user_token(user)}"},
                                  json={"kind": "approve", "data": {"request": request_id, "decision": "approve"}},
                                  timeout=WAIT)
+        def listing(user: str) -> list[str]:
+            reply = requests.post(f"{gateway.router_url}/api/v1/gateways/gw-test/actions",
+                                  headers={"Authorization": f"Bearer {gateway.user_token(user)}"},
+                                  json={"kind": "approve", "data": {"list": True}}, timeout=WAIT)
+            return [p["id"] for p in reply.json()["data"]["pending"]]
+        assert listing("bob") == [request_id] and listing("alice") == [] and listing("carol") == []
         own = approve("alice")
         assert own.status_code == 403 and "alice may not approve their own request" in own.text
         outsider = approve("carol")
@@ -331,9 +337,26 @@ def test_reason_and_ticket_pass_through_the_agent_for_a_background_tunnel(stack:
                              "--ticket INC-7")
     assert started.returncode == 0, started.stderr
     assert last_json(started.stdout)["resource"] == "db-ticket"
+    tunnel_id = last_json(started.stdout)["id"]
     conversation = _session_of(stack, "db-ticket")
-    assert run_shell(env, "pam tunnel stop --all").returncode == 0
+    assert _gateway_cli(stack, "terminate", conversation, "--reason", "end of shift").returncode == 0
     _ended(stack, conversation)
-    entries = _audit(stack, conversation=conversation)
-    assert _kinds(entries) == ["decision", "open", "end"]
+    # a session the gateway ended is final: the agent does not heal it (no new offer)
+    from commander_pam_plugin.agent import client
+    record = client.request({"op": "wait", "id": tunnel_id, "state": "lost", "timeout": 20}, path=agent_socket)
+    assert record is not None and record["tunnel"]["state"] == "lost", record
+    assert record["tunnel"]["reason"].endswith(": end of shift")
+    entries = _audit(stack, resource="db-ticket")
+    assert _kinds(entries) == ["decision", "open", "terminate", "end"]
     assert {(e["reason"], e["ticket"]) for e in entries} == {("restore a table", "INC-7")}
+    assert run_shell(env, "pam tunnel stop --all").returncode == 0
+
+
+def test_approval_needs_trickle(stack: Any) -> None:
+    before = len(_audit(stack, resource="db-approve"))
+    result = _pam(stack, "tunnel", "start", "db-approve", "--no-trickle-ice", "--run", "true")
+    assert result.returncode == 1
+    refusal = "db-approve needs approval, which needs trickle ICE (connect without --no-trickle-ice)"
+    assert f"access to db-approve denied: {refusal}" in result.stderr
+    assert [(e["kind"], e["verdict"], e["detail"]) for e in _audit(stack, resource="db-approve")[before:]] == \
+        [("decision", "deny", refusal)]

@@ -295,13 +295,11 @@ class GatewayAgent:
             raise ProtocolError(503, f"gateway {self.name} is at its limit of {MAX_SESSIONS} sessions",
                                 "unavailable")
         request = self.governor.access_request(user, resource, cid, offer.session.mode, action.data)
-        decision = self.governor.decide(request)  # the decision point: nothing reaches the target before it
+        # the decision point: nothing reaches the target before it (a held answer needs trickle)
+        decision = self.governor.decide(request, can_hold=action.trickle_ice and CAP_TRICKLE in self.capabilities)
         if decision.verdict == "deny":
             raise ProtocolError(403, f"access to {resource.name} denied: {decision.reason}", "forbidden")
         if decision.verdict == "hold":
-            if not (action.trickle_ice and CAP_TRICKLE in self.capabilities):
-                raise ProtocolError(409, f"{resource.name} needs approval, which needs trickle ICE "
-                                         "(connect without --no-trickle-ice)", "conflict")
             if any(p.conversation_id == cid for p in self.governor.approvals.pending.values()):
                 raise ProtocolError(409, f"conversation {cid} already has an offer", "conflict")
             pending = self.governor.hold(request, decision)

@@ -109,7 +109,7 @@ class Governor:
         return AccessRequest(user, resource, self.settings.name, conversation_id, mode,
                              _text(access.get("reason")), _text(access.get("ticket")))
 
-    def decide(self, request: AccessRequest, audit: bool = True) -> Decision:
+    def decide(self, request: AccessRequest, can_hold: bool = True) -> Decision:
         """The first plugin's decision (the built-in policy last); a failing plugin denies."""
         try:
             decision = self.pm.hook.pam_gateway_decide(request=request)
@@ -122,9 +122,11 @@ class Governor:
             others = tuple(a for a in decision.approvers if a != request.user)
             decision = Decision.hold(others, decision.reason) if others else Decision.deny(
                 f"{request.resource.name} needs approval and has no approver other than {request.user}")
-        if audit:
-            self.record("decision", request, verdict=decision.verdict, detail=decision.reason or None,
-                        approvers=list(decision.approvers) or None)
+        if decision.verdict == "hold" and not can_hold:
+            decision = Decision.deny(f"{request.resource.name} needs approval, which needs trickle ICE "
+                                     "(connect without --no-trickle-ice)")
+        self.record("decision", request, verdict=decision.verdict, detail=decision.reason or None,
+                    approvers=list(decision.approvers) or None)
         return decision
 
     def hold(self, request: AccessRequest, decision: Decision) -> PendingRequest:

@@ -1,0 +1,88 @@
+"""Narrow unit tests of governance's parts: the audit file, plugin loading, the policy's edges."""
+from __future__ import annotations
+
+import asyncio
+import json
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from commander_pam_plugin.gateway.audit import AuditTrail
+from commander_pam_plugin.gateway.config import ConfigError, config_from_dict
+from commander_pam_plugin.gateway.governance import Governor
+from commander_pam_plugin.gateway.plugins import load_plugins
+from gateway_support import make_config
+
+
+def _settings(resources: list[dict], **gateway: object):
+    return config_from_dict(make_config(resources, **gateway)).gateway
+
+
+def test_the_audit_trail_is_private_append_only_rotated_by_size_and_writes_only_named_fields(tmp_path: Path) -> None:
+    path = tmp_path / "audit" / "audit.jsonl"
+    trail = AuditTrail(path, max_bytes=400, keep=2)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for n in range(12):
+        trail.record("open", user="alice", resource=f"r{n}", password="hunter2-secret", token="tok-secret")
+    files = sorted(p.name for p in path.parent.iterdir())
+    assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]  # keep=2: the oldest are gone
+    lines = [json.loads(line) for p in sorted(path.parent.iterdir()) for line in p.read_text().splitlines()]
+    assert all(set(line) == {"ts", "kind", "user", "resource"} for line in lines)
+    assert all(p.stat().st_size <= 400 for p in path.parent.iterdir())
+    assert json.loads(path.read_text().splitlines()[-1])["resource"] == "r11"  # the newest, in the live file
+    assert len(lines) < 12 and "r0" not in {line["resource"] for line in lines}  # the oldest rotated away
+    assert "secret" not in "".join(p.read_text() for p in path.parent.iterdir())
+    with pytest.raises(ValueError):
+        trail.record("whatever")
+
+
+def test_a_misspelt_gateway_hook_fails_at_start(tmp_path: Path) -> None:
+    plugin = tmp_path / "typo.py"
+    plugin.write_text("from commander_pam_plugin.gateway.hookspecs import hookimpl\n\n"
+                      "@hookimpl\ndef pam_gateway_decid(request):\n    return None\n")
+    with pytest.raises(ConfigError, match="pam_gateway_decid"):
+        load_plugins((), [plugin])
+    with pytest.raises(ConfigError, match="no installed gateway plugin has that name"):
+        load_plugins(("not-installed",), [])
+
+
+def test_a_failing_policy_plugin_denies_and_a_resume_line_is_written(tmp_path: Path) -> None:
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("from commander_pam_plugin.gateway.hookspecs import hookimpl\n\n"
+                      "@hookimpl\ndef pam_gateway_decide(request):\n    raise RuntimeError('vault down')\n")
+    settings = _settings([{"name": "db", "kind": "tcp", "host": "127.0.0.1", "port": 9}],
+                         plugin_files=[str(plugin)], audit_log=str(tmp_path / "audit.jsonl"))
+
+    async def scenario() -> list[dict]:
+        governor = Governor(settings)
+        request = governor.access_request("alice", settings.resource("db"), "conv-1", "tunnel",
+                                          {"access": {"reason": "  two\nlines  ", "ticket": 7}})
+        assert (request.reason, request.ticket) == ("two lines", None)
+        decision = governor.decide(request)
+        assert (decision.verdict, decision.reason) == ("deny", "the gateway's access policy failed")
+        governor.opened(SimpleNamespace(conversation_id="conv-1"), request)
+        assert governor.record_resume("conv-1")["kind"] == "resume"
+        assert governor.record_resume("no-such") is None
+        return [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    lines = asyncio.run(scenario())
+    assert [(e["kind"], e.get("verdict")) for e in lines] == [("decision", "deny"), ("open", None), ("resume", None)]
+
+
+@pytest.mark.parametrize("access, message", [
+    ({"aprovers": ["bob"]}, "resources[0].access.aprovers: is not a known setting"),
+    ({"approvers": "bob"}, "resources[0].access.approvers: must be a list"),
+    ({"max_duration_s": 0}, "resources[0].access.max_duration_s: must be between"),
+    ({"credentials": "vault"}, "resources[0].access.credentials: must be 'config' or 'plugin'"),
+])
+def test_bad_access_rules_are_one_line_naming_the_key(access: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[").replace("]", r"\]")):
+        _settings([{"name": "db", "kind": "tcp", "host": "127.0.0.1", "port": 9, "access": access}])
+
+
+def test_a_plugin_credential_resource_needs_no_password_in_the_file() -> None:
+    ssh = {"name": "box", "kind": "ssh", "host": "127.0.0.1", "port": 22, "username": "u"}
+    with pytest.raises(ConfigError, match="needs a password or a private_key"):
+        _settings([ssh])
+    assert _settings([{**ssh, "access": {"credentials": "plugin"}}]).resource("box").password is None
