@@ -22,7 +22,7 @@ def _settings(resources: list[dict], **gateway: object):
 
 def test_the_audit_trail_is_private_append_only_rotated_by_size_and_writes_only_named_fields(tmp_path: Path) -> None:
     path = tmp_path / "audit" / "audit.jsonl"
-    trail = AuditTrail(path, max_bytes=400, keep=2)
+    trail = AuditTrail(path, max_bytes=250, keep=2)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     for n in range(12):
         trail.record("open", user="alice", resource=f"r{n}", password="hunter2-secret", token="tok-secret")
@@ -30,7 +30,7 @@ def test_the_audit_trail_is_private_append_only_rotated_by_size_and_writes_only_
     assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]  # keep=2: the oldest are gone
     lines = [json.loads(line) for p in sorted(path.parent.iterdir()) for line in p.read_text().splitlines()]
     assert all(set(line) == {"ts", "kind", "user", "resource"} for line in lines)
-    assert all(p.stat().st_size <= 400 for p in path.parent.iterdir())
+    assert all(p.stat().st_size <= 250 for p in path.parent.iterdir())
     assert json.loads(path.read_text().splitlines()[-1])["resource"] == "r11"  # the newest, in the live file
     assert len(lines) < 12 and "r0" not in {line["resource"] for line in lines}  # the oldest rotated away
     assert "secret" not in "".join(p.read_text() for p in path.parent.iterdir())
