@@ -593,11 +593,11 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
     learnt = router.known_gateway(gateway)
     if learnt is not None and not learnt.batch:
         sender.batch = False  # before go_live: nothing has been sent yet
+    held = reply.get("held") is True  # the gateway waits for an approver: so do we, up to wait_timeout_s
     if trickle and not reply.get("sdp"):
         phase.done("offer_acked", "the answer on the conversation stream")
-    held = reply.get("held") is True  # the gateway waits for an approver: so do we, up to wait_timeout_s
-    if held:
-        _held(reply, resource, phase, options)
+        if held:
+            _held(reply, resource, phase, options)
     else:
         answer = reply.get("sdp")
         if not isinstance(answer, str):
