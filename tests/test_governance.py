@@ -360,3 +360,24 @@ def test_approval_needs_trickle(stack: Any) -> None:
     assert f"access to db-approve denied: {refusal}" in result.stderr
     assert [(e["kind"], e["verdict"], e["detail"]) for e in _audit(stack, resource="db-approve")[before:]] == \
         [("decision", "deny", refusal)]
+
+
+def test_a_reused_peer_gets_the_offer_decision_for_another_resource(stack: Any, tmp_path: Path,
+                                                                    agent_socket: Path) -> None:
+    env = shell_env(tmp_path, agent_socket, stack["gateway"])
+    first = run_shell(env, "pam tunnel start db-live --background --json --reason 'reuse check'")
+    assert first.returncode == 0, first.stderr
+    conversation = _session_of(stack, "db-live")
+    from commander_pam_plugin.agent import client
+    answer = client.request({"op": "start", "resource": "frozen", "gateway": "gw-test"}, path=agent_socket)
+    assert answer is not None and "tunnel" in answer, answer  # reused: no offer, so no refusal yet
+    import socket
+    with socket.create_connection(("127.0.0.1", answer["tunnel"]["port"]), timeout=WAIT) as sock:
+        sock.sendall(b"let me in")
+        assert sock.recv(100) == b""  # refused at the gateway: nothing comes back
+    assert stack["guarded"].connections == 0
+    [frozen] = [t for t in client.request({"op": "list"}, path=agent_socket)["tunnels"] if t["resource"] == "frozen"]
+    assert "access to frozen denied: change freeze until Monday" in frozen["last_error"], frozen
+    streams = [e for e in _audit(stack, conversation=conversation) if e["resource"] == "frozen"]
+    assert [(e["kind"], e["verdict"], e["reason"]) for e in streams] == [("decision", "deny", "reuse check")]
+    assert run_shell(env, "pam tunnel stop --all").returncode == 0

@@ -86,3 +86,34 @@ def test_a_plugin_credential_resource_needs_no_password_in_the_file() -> None:
     with pytest.raises(ConfigError, match="needs a password or a private_key"):
         _settings([ssh])
     assert _settings([{**ssh, "access": {"credentials": "plugin"}}]).resource("box").password is None
+
+
+def test_control_commands_without_a_running_gateway_and_bad_control_requests_are_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from commander_pam_plugin.gateway.__main__ import main
+    from commander_pam_plugin.gateway.control import ControlServer
+    from commander_pam_plugin.protocol import ProtocolError
+
+    config = tmp_path / "gw.toml"
+    config.write_text(f'[gateway]\nname = "gw"\ntoken = "{"t" * 24}"\ncontrol_socket = "{tmp_path / "c" / "gw.sock"}"\n')
+    config.chmod(0o600)
+    assert main(["sessions", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pam-gateway: error: no running gateway answers on "), err
+
+    async def bad_requests() -> list[str]:
+        control = ControlServer(tmp_path / "unused.sock", Governor(_settings([])))
+        messages = []
+        for request in ({"op": "reboot"}, ["sessions"], {"op": "terminate"}, {"op": "approve", "request": "x"},
+                        {"op": "terminate", "id": "nope"}):
+            try:
+                await control.handle(request, "root")
+            except ProtocolError as exc:
+                messages.append(exc.message)
+        return messages
+    assert asyncio.run(bad_requests()) == [
+        "unknown op; expected one of sessions, pending, terminate, approve, deny",
+        "unknown op; expected one of sessions, pending, terminate, approve, deny",
+        "terminate needs a session id",
+        "approve needs --as APPROVER (a user the resource names as approver)",
+        "no live session 'nope'"]
