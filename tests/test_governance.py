@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -272,6 +273,9 @@ def test_a_plugin_supplies_the_password_at_connect_time_and_it_is_written_nowher
                  listed.stdout, listed.stderr]:
         assert password not in text
     assert _kinds(_audit(stack, conversation=conversation)) == ["decision", "open", "end"]
+    sock = Path(stack["base"]) / "control" / "gw.sock"
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600 and stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(stack["audit"].stat().st_mode) == 0o600
 
 
 def _waiting_request(process: subprocess.Popen[str]) -> tuple[str, list[str]]:
