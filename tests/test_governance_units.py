@@ -117,3 +117,16 @@ def test_control_commands_without_a_running_gateway_and_bad_control_requests_are
         "terminate needs a session id",
         "approve needs --as APPROVER (a user the resource names as approver)",
         "no live session 'nope'"]
+
+
+def test_a_control_socket_folder_open_to_others_is_refused_at_start(tmp_path: Path) -> None:
+    from commander_pam_plugin.gateway.control import ControlServer
+
+    folder = tmp_path / "open"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+
+    async def start() -> None:
+        await ControlServer(folder / "gw.sock", Governor(_settings([]))).start()
+    with pytest.raises(OSError, match="is open to other users"):
+        asyncio.run(start())

@@ -12,11 +12,11 @@ import logging
 import os
 import pwd
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
 from ..agent.creds import peer_uid
-from ..agent.paths import ensure_private_dir
 from ..errors import PamError
 from ..protocol import ProtocolError
 from .governance import Governor
@@ -42,10 +42,7 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        try:
-            ensure_private_dir(self.path.parent)
-        except PamError as exc:
-            raise OSError(exc.message) from None
+        _private_dir(self.path.parent)
         if self.path.exists():
             if _answers(self.path):
                 raise OSError(f"another gateway already serves the control socket {self.path}")
@@ -131,6 +128,17 @@ def request(path: Path, message: dict[str, Any], timeout: float = 15.0) -> dict[
     if not isinstance(answer, dict) or answer.get("ok") is not True:
         raise PamError(str(answer.get("error") if isinstance(answer, dict) else "refused")[:300])
     return answer
+
+
+def _private_dir(directory: Path) -> None:
+    """The socket's folder: created 0700; one another user owns or may enter is refused (OSError)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise OSError(f"control socket folder {directory} is not a directory owned by this user")
+    if info.st_mode & 0o077:
+        raise OSError(f"control socket folder {directory} is open to other users (mode "
+                      f"{stat.S_IMODE(info.st_mode):o}); run chmod 700 on it")
 
 
 def _answers(path: Path) -> bool:
