@@ -130,3 +130,19 @@ def test_a_control_socket_folder_open_to_others_is_refused_at_start(tmp_path: Pa
         await ControlServer(folder / "gw.sock", Governor(_settings([]))).start()
     with pytest.raises(OSError, match="is open to other users"):
         asyncio.run(start())
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["terminate", "-dWjI5y", "--reason", "x", "--config", "c"], ["terminate", "--reason", "x", "--config", "c",
+                                                                  "--", "-dWjI5y"]),
+    (["terminate", "--config=c", "--reason", "-odd reason", "-id"], ["terminate", "--config=c", "--reason",
+                                                                     "-odd reason", "--", "-id"]),
+    (["approve", "ab12", "--as", "bob", "--config", "c"], ["approve", "--as", "bob", "--config", "c", "--", "ab12"]),
+    (["sessions", "--config", "c"], ["sessions", "--config", "c"]),
+])
+def test_a_session_id_that_starts_with_a_dash_is_still_the_id(argv: list, expected: list) -> None:
+    from commander_pam_plugin.gateway.__main__ import _id_last, build_parser
+
+    assert _id_last(argv) == expected
+    if argv[0] != "sessions":
+        assert build_parser().parse_args(_id_last(argv)).id == expected[-1]

@@ -270,8 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ID_COMMANDS = ("terminate", "approve", "deny")
+VALUE_OPTIONS = ("--config", "--reason", "--as")
+
+
+def _id_last(argv: list[str]) -> list[str]:
+    """Session ids are URL-safe tokens and may start with '-': for the commands that take an ID,
+    the first word that is neither an option nor an option's value goes last, after '--'."""
+    if not argv or argv[0] not in ID_COMMANDS or "--" in argv:
+        return argv
+    rest, index = argv[1:], 0
+    while index < len(rest):
+        word = rest[index]
+        if word in VALUE_OPTIONS:
+            index += 2
+        elif word in ("-h", "--help") or word.startswith(tuple(f"{o}=" for o in VALUE_OPTIONS)):
+            index += 1
+        else:
+            return [argv[0], *rest[:index], *rest[index + 1:], "--", word]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-v", "--verbose"):
+        args = build_parser().parse_args(argv[:1] + _id_last(argv[1:]))
+    else:
+        args = build_parser().parse_args(_id_last(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
