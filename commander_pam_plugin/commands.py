@@ -40,7 +40,8 @@ def connect_options(runtime: Any, args: argparse.Namespace) -> Any:
     from .negotiation import ConnectOptions
 
     timeout = getattr(args, "timeout", None) or runtime.config.connect_timeout_s
-    return ConnectOptions(trickle=not args.no_trickle_ice, timeout_s=timeout)
+    return ConnectOptions(trickle=not args.no_trickle_ice, timeout_s=timeout, reason=getattr(args, "reason", None),
+                          ticket=getattr(args, "ticket", None), wait_timeout_s=getattr(args, "wait_timeout", 300.0))
 
 
 def wants_json(args: argparse.Namespace) -> bool:

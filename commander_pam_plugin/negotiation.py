@@ -401,6 +401,11 @@ class ConnectOptions:
     # Trickle: ask for the answer in the offer's reply (a current gateway has it by then); False
     # takes it from the conversation stream as older clients do (kept for benchmarks).
     answer_in_reply: bool = True
+    # Access governance (docs/GATEWAY.md): why and under which ticket, carried in the offer; how
+    # long to wait for an approver when the gateway holds the offer.
+    reason: str | None = None
+    ticket: str | None = None
+    wait_timeout_s: float = 300.0
 
 
 @dataclass
@@ -458,12 +463,14 @@ class _Phase:
 
     def __init__(self, timing: Any) -> None:
         self.name = "the peer to be created"
+        self.held_s: float | None = None  # set while a held offer waits for an approver
         self._timing = timing
 
     def done(self, checkpoint: str, next_wait: str) -> None:
         if self._timing is not None:
             self._timing.checkpoint(checkpoint)
         self.name = next_wait
+        self.held_s = None
 
 
 async def _call(function: Callable[[ClientPeer], None], peer: ClientPeer) -> None:
@@ -572,6 +579,9 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
             time.sleep(options.legacy_backend_delay_s)  # compatibility profile only, default off
 
     offer = {"type": "offer", "sdp": sdp, "resource": resource, "session": session.to_json()}
+    access = {k: v for k, v in (("reason", options.reason), ("ticket", options.ticket)) if v}
+    if access:
+        offer["access"] = access
     if trickle and options.answer_in_reply and not options.legacy_ws_ready_wait:
         offer["answer_in_reply"] = True  # a gateway that has its answer by then puts it in the reply
     try:  # the reply may be held up at the gateway; the connect deadline bounds the wait
@@ -583,8 +593,11 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
     learnt = router.known_gateway(gateway)
     if learnt is not None and not learnt.batch:
         sender.batch = False  # before go_live: nothing has been sent yet
+    held = reply.get("held") is True  # the gateway waits for an approver: so do we, up to wait_timeout_s
     if trickle and not reply.get("sdp"):
         phase.done("offer_acked", "the answer on the conversation stream")
+        if held:
+            _held(reply, resource, phase, options)
     else:
         answer = reply.get("sdp")
         if not isinstance(answer, str):
@@ -596,6 +609,10 @@ def _negotiate(result: Session, session: protocol.SessionRequest, phase: _Phase,
                 raise PamError(f"gateway {gateway} sent an unusable answer: {exc.message}") from None
             phase.done("answer_received", "the ICE connection")
     sender.go_live()
+    if held:  # the answer (approved) or a failed state (denied, expired) on the stream ends the wait
+        if not answer_once.news.wait(options.wait_timeout_s):
+            raise _timeout(phase, resource, options)
+        deadline = time.monotonic() + options.timeout_s  # then a connect like any other
     result.candidate_actions = sender.actions
     if sender.actions:
         phase.done("candidates_sent", phase.name)
@@ -639,6 +656,14 @@ def _send_offer(result: Session, offer: dict[str, Any], timeout: Callable[[], fl
     return router.action(result.gateway, "offer", conversation_id, offer, result.trickle, timeout())
 
 
+def _held(reply: dict[str, Any], resource: str, phase: _Phase, options: ConnectOptions) -> None:
+    """Say what the held offer waits for (one line, and the phase a timeout names)."""
+    waiting = " ".join(str(reply.get("waiting_for") or "approval").split())[:200]
+    log.info("%s: waiting for %s (up to %g s)", resource, waiting, options.wait_timeout_s)
+    phase.name = waiting
+    phase.held_s = options.wait_timeout_s
+
+
 def _run(loop: BackgroundLoop, coro: Any, deadline: float, phase: _Phase, resource: str,
          options: ConnectOptions) -> Any:
     """Run a step on the loop within the connect deadline; a timeout names the phase."""
@@ -656,6 +681,9 @@ def _remaining(deadline: float, phase: _Phase, resource: str, options: ConnectOp
 
 
 def _timeout(phase: _Phase, resource: str, options: ConnectOptions) -> PamError:
+    if phase.held_s is not None:
+        return PamError(f"no answer for {resource} within --wait-timeout {phase.held_s:g} s "
+                        f"(waited for {phase.name})")
     return PamError(f"connecting to {resource} timed out after {options.timeout_s:g} s waiting for {phase.name}")
 
 
@@ -667,8 +695,10 @@ class AnswerOnce:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._taken = False
+        self.news = threading.Event()  # an answer or an end arrived (what a held offer waits for)
 
     def claim(self) -> bool:
+        self.news.set()
         with self._lock:
             taken, self._taken = self._taken, True
             return not taken
@@ -692,6 +722,7 @@ def _on_stream_event(loop: BackgroundLoop, holder: dict[str, ClientPeer], event:
         future = loop.submit(peer.add_remote_candidates(event["candidates"], bool(event.get("end_of_candidates"))))
         future.add_done_callback(lambda f: _report(loop, peer, f, "the gateway sent an unusable candidate"))
     elif kind == "stream_failed":
+        answer_once.news.set()
         if not peer.ready.is_set() and peer.trickle_expected:
             loop.call_soon(peer.mark_lost, str(event["message"]))
     elif kind in ("state", "error"):
@@ -699,6 +730,7 @@ def _on_stream_event(loop: BackgroundLoop, holder: dict[str, ClientPeer], event:
         reason = str(event.get("reason") or event.get("message") or state or "error")
         if kind == "error" or state in ("closed", "failed"):
             loop.call_soon(peer.mark_lost, reason[:200])
+            answer_once.news.set()
 
 
 def _report(loop: BackgroundLoop, peer: ClientPeer, future: Any, reason: str) -> None:

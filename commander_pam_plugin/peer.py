@@ -56,6 +56,7 @@ class ClientPeer:
         self._next_stream_id = protocol.FIRST_STREAM_ID
         self._streams: dict[int, RTCDataChannel] = {}
         self._control_handlers: list[Callable[[dict[str, Any]], None]] = []
+        self.ended_by_gateway = False  # control 'ending': a final end, never healed
         self.control.on("open", self._on_ready)
         self.control.on("close", self._on_control_close)
         self.control.on("message", self._on_control_message)
@@ -180,6 +181,14 @@ class ClientPeer:
             parsed = protocol.parse_control_message(message)
         except protocol.ProtocolError as exc:
             log.debug("ignoring control message: %s", exc.message)
+            return
+        if parsed["op"] == "ending":  # the gateway ends the session (limit, terminate): its reason first
+            self.ended_by_gateway = True
+            self.mark_lost(str(parsed.get("reason") or "the gateway ended the session")[:300])
+            self.send_control("ended")
+            return
+        if parsed["op"] == "notice":  # a line for the user from the gateway (a limit's warning)
+            log.info("gateway: %s", str(parsed.get("message"))[:300])
             return
         for handler in list(self._control_handlers):
             handler(parsed)

@@ -51,6 +51,25 @@ def timeout_seconds(text: str) -> float:
     return value
 
 
+def access_text(text: str) -> str:
+    """argparse type for --reason / --ticket: one line of printable text, at most 200 characters."""
+    value = " ".join(text.split())
+    if not value or len(value) > 200 or not value.isprintable():
+        raise argparse.ArgumentTypeError("must be 1-200 printable characters on one line")
+    return value
+
+
+def wait_seconds(text: str) -> float:
+    """argparse type for --wait-timeout: seconds to wait for an approver, more than 0, at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wait timeout must be a number of seconds, got {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError("wait timeout must be more than 0 and at most 86400 s")
+    return value
+
+
 def _check_policy(ctx: Any, resource: str, command: str) -> None:
     """Ask pam_before_connect plugins first; the first reason given refuses the connection."""
     reason = ctx.hook.pam_before_connect(resource=resource, command=command)
@@ -65,6 +84,12 @@ def _add_connect_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing", action="store_true", help="print a table of connect-phase timings")
     parser.add_argument("--timeout", type=timeout_seconds, default=None, metavar="S",
                         help="give up connecting after S seconds (default: connect_timeout_s, 15)")
+    parser.add_argument("--reason", type=access_text, metavar="TEXT",
+                        help="why you connect: sent to the gateway, its policy and its audit trail")
+    parser.add_argument("--ticket", type=access_text, metavar="ID",
+                        help="the change or incident ticket this access is for (some resources require one)")
+    parser.add_argument("--wait-timeout", type=wait_seconds, default=300.0, metavar="S",
+                        help="if the resource needs approval, wait up to S seconds for it (default 300)")
 
 
 def _configure_launch(parser: argparse.ArgumentParser) -> None:

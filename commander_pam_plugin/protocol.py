@@ -36,7 +36,7 @@ MAX_JSON_DEPTH = 32  # honest messages nest 5 deep; Python's own parser fails ne
 # ValueError that is not a JSON error, and converting long ones costs quadratic time.
 MAX_JSON_INTEGER_DIGITS = 32
 
-ACTION_KINDS = ("offer", "icecandidate", "close", "resources", "ping")
+ACTION_KINDS = ("offer", "icecandidate", "close", "resources", "ping", "approve")  # approve: docs/PROTOCOL.md
 SESSION_MODES = ("tunnel", "terminal")
 
 # Used with fullmatch: "$" alone would let a trailing newline through into logs and file names.
@@ -339,7 +339,7 @@ def validate_action(body: Any) -> Action:
     data = body.get("data", {})
     if data is None:
         data = {}
-    if kind in ("resources", "ping"):
+    if kind in ("resources", "ping", "approve"):  # approve: an approver answers a held offer
         conversation = body.get("conversation_id")
         conversation = check_conversation_id(conversation) if conversation is not None else ""
         return Action(conversation, kind, data, trickle)

@@ -221,7 +221,7 @@ class Tunnel:
         await peer.lost.wait()
         if self.state == "up":
             self.reason = peer.lost_reason or "the gateway went away"
-            if self.heal:  # open connections end with a reset; new ones wait for the next session
+            if self.heal and not peer.ended_by_gateway:  # reset open ones; new ones wait for the next session
                 self.state = "reconnecting"
                 assert self._ready is not None
                 self._ready.clear()

@@ -24,6 +24,9 @@ def start_background(hook: Any, args: argparse.Namespace) -> dict[str, Any]:
                                "host": args.host, "port": args.port, "trickle": not args.no_trickle_ice}
     if args.timeout:
         message["timeout"] = args.timeout
+    for key in ("reason", "ticket", "wait_timeout"):  # governance: the agent's offer carries them
+        if getattr(args, key, None) is not None:
+            message[key] = getattr(args, key)
     answer = client.request(message, start=True)
     assert answer is not None
     return dict(answer["tunnel"])

@@ -82,7 +82,7 @@ class Healer:
                     return
                 try:  # another tunnel to the same gateway may have healed first: then reuse its peer
                     self.runtime.attach_session(None, tunnel, options=ConnectOptions(
-                        timeout_s=self.runtime.config.connect_timeout_s))
+                        timeout_s=self.runtime.config.connect_timeout_s, **getattr(tunnel, "access", {})))
                 except PamError as exc:
                     if is_permanent(exc):
                         log.info("tunnel %s: not retrying: %s", tunnel.id, exc.message)

@@ -108,14 +108,19 @@ class Agent:
             port = plugin.port_number(str(request.get("port", 0)))
             timeout = request.get("timeout")
             timeout = plugin.timeout_seconds(str(timeout)) if timeout is not None else None
+            reason, ticket = (plugin.access_text(str(request[k])) if request.get(k) is not None else None
+                              for k in ("reason", "ticket"))
+            wait = plugin.wait_seconds(str(request.get("wait_timeout", 300)))
         except argparse.ArgumentTypeError as exc:
             raise wire.WireError(str(exc)) from None
         trickle = request.get("trickle", True) is not False
-        options = ConnectOptions(trickle=trickle, timeout_s=timeout or self.runtime.config.connect_timeout_s)
+        options = ConnectOptions(trickle=trickle, timeout_s=timeout or self.runtime.config.connect_timeout_s,
+                                 reason=reason, ticket=ticket, wait_timeout_s=wait)
         ref = ResourceRef(name, gateway) if gateway else self.runtime.resolve(None, name)
         tunnel = self.runtime.start_tunnel(None, ref, host, port, trickle=trickle, options=options,
                                            on_lost=self.healer.tunnel_lost, tunnel_id=f"a{next(_agent_ids)}",
                                            heal=True)
+        tunnel.access = {"reason": reason, "ticket": ticket}  # a healed session's offer carries them too
         record = tunnel.describe()
         record["agent_pid"] = os.getpid()
         return {"ok": True, "tunnel": record}

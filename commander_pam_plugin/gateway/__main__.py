@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from ..loop import run_main
+from ..errors import PamError
 from .config import ConfigError, load_config
 
 log = logging.getLogger("pam_gateway")
@@ -112,7 +113,71 @@ def _load(args: argparse.Namespace, need_gateway: bool):
     config = load_config(args.config)
     if need_gateway and config.gateway is None:
         raise ConfigError(f"{config.source}: gateway: this command needs a [gateway] table")
+    if config.gateway is not None and config.gateway.governance.control_socket is None:
+        import dataclasses
+
+        from .control import default_socket_path
+
+        governance = dataclasses.replace(config.gateway.governance,
+                                         control_socket=default_socket_path(config.gateway.name))
+        config = dataclasses.replace(config, gateway=dataclasses.replace(config.gateway, governance=governance))
     return config
+
+
+def _control(args: argparse.Namespace, message: dict) -> dict:
+    """One request to the running gateway's control socket (the one its config names)."""
+    from .control import request
+
+    config = _load(args, need_gateway=True)
+    return request(config.gateway.governance.control_socket, message)
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    sessions = _control(args, {"op": "sessions"})["sessions"]
+    if args.json:
+        print(json.dumps(sessions))
+        return 0
+    if not sessions:
+        print("no live sessions")
+        return 0
+    header = ("ID", "USER", "RESOURCE", "MODE", "SINCE", "BYTES", "REASON", "TICKET")
+    rows = [header] + [(s["id"], s["user"], s["resource"], s["mode"],
+                        time.strftime("%H:%M:%S", time.localtime(s["since"])), str(s["bytes"]),
+                        s.get("reason") or "-", s.get("ticket") or "-") for s in sessions]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    return 0
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    import json
+
+    pending = _control(args, {"op": "pending"})["pending"]
+    if args.json:
+        print(json.dumps(pending))
+    elif not pending:
+        print("no pending requests")
+    for item in [] if args.json else pending:
+        print(f"{item['id']}  {item['user']} -> {item['resource']} ({item['mode']})  approvers: "
+              f"{', '.join(item['approvers'])}  reason: {item.get('reason') or '-'}  ticket: {item.get('ticket') or '-'}")
+    return 0
+
+
+def cmd_terminate(args: argparse.Namespace) -> int:
+    _control(args, {"op": "terminate", "id": args.id, "reason": args.reason})
+    print(f"terminated {args.id}")
+    return 0
+
+
+def cmd_decide(args: argparse.Namespace) -> int:
+    _control(args, {"op": args.command, "request": args.id, "approver": args.approver,
+                    "reason": getattr(args, "reason", None)})
+    print(f"request {args.id} {'approved' if args.command == 'approve' else 'denied'} by {args.approver}")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -151,6 +216,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     async def start():
         agent = GatewayAgent(config.gateway, args.router or None)  # None: every gateway.router_url
+        await agent.start_control()
         task = asyncio.ensure_future(agent.run())
 
         async def close() -> None:
@@ -178,6 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     agent = with_config("agent", "run only the gateway agent, dialling a router")
     agent.add_argument("--router", metavar="URL", help="router base URL (default: gateway.router_url)")
     agent.set_defaults(func=cmd_agent)
+    sessions = with_config("sessions", "list the running gateway's live sessions")
+    sessions.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sessions.set_defaults(func=cmd_sessions)
+    pending = with_config("pending", "list the requests waiting for an approver")
+    pending.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    pending.set_defaults(func=cmd_pending)
+    terminate = with_config("terminate", "end a live session; its user reads the reason")
+    terminate.add_argument("id", metavar="ID", help="session id, as 'pam-gateway sessions' lists it")
+    terminate.add_argument("--reason", required=True, metavar="TEXT", help="why (the user sees it; audited)")
+    terminate.set_defaults(func=cmd_terminate)
+    for verb in ("approve", "deny"):
+        decide = with_config(verb, f"{verb} a held request (as an approver the resource names)")
+        decide.add_argument("id", metavar="ID", help="request id, as 'pam-gateway pending' lists it")
+        decide.add_argument("--as", dest="approver", required=True, metavar="USER",
+                            help="the approver you act as (never the requester)")
+        if verb == "deny":
+            decide.add_argument("--reason", metavar="TEXT", help="why (the user sees it; audited)")
+        decide.set_defaults(func=cmd_decide)
     init = commands.add_parser("init", help="write a starter config with fresh random tokens",
                                description="write a starter config with fresh random tokens (mode 0600)")
     init.add_argument("--path", default=DEFAULT_CONFIG, metavar="FILE", help=f"where (default: {DEFAULT_CONFIG})")
@@ -186,8 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ID_COMMANDS = ("terminate", "approve", "deny")
+VALUE_OPTIONS = ("--config", "--reason", "--as")
+
+
+def _id_last(argv: list[str]) -> list[str]:
+    """Session ids are URL-safe tokens and may start with '-': for the commands that take an ID,
+    the first word that is neither an option nor an option's value goes last, after '--'."""
+    if not argv or argv[0] not in ID_COMMANDS or "--" in argv:
+        return argv
+    rest, index = argv[1:], 0
+    while index < len(rest):
+        word = rest[index]
+        if word in VALUE_OPTIONS:
+            index += 2
+        elif word in ("-h", "--help") or word.startswith(tuple(f"{o}=" for o in VALUE_OPTIONS)):
+            index += 1
+        else:
+            return [argv[0], *rest[:index], *rest[index + 1:], "--", word]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-v", "--verbose"):
+        args = build_parser().parse_args(argv[:1] + _id_last(argv[1:]))
+    else:
+        args = build_parser().parse_args(_id_last(argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -195,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pam-gateway: error: {exc}", file=sys.stderr)
         return 2
+    except PamError as exc:  # a control command the running gateway refused, or no gateway answers
+        print(f"pam-gateway: error: {exc.message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from .answerer import MAX_REMOTE_CANDIDATES, AnswerSession
 from ..flow import parse_window
 from ..protocol import candidate_from_wire
 from .candidate_policy import CandidatePolicy
-from .config import GatewaySettings
+from .config import GatewaySettings, Resource
+from .governance import Governor, approval_wait_text
 from .limits import ConnectionQuota, descriptor_limit
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class GatewayAgent:
         default_caps: tuple[str, ...] = () if settings.legacy else ALL_CAPABILITIES
         self.capabilities = list(settings.capabilities if settings.capabilities is not None else default_caps)
         self.sessions: dict[str, AnswerSession] = {}
+        self.governor = Governor(settings)  # policy hooks, approvals, limits, audit (governance.py)
+        self._control: Any = None  # control.ControlServer while run() serves one
         self.descriptor_limit = descriptor_limit()
         self.limits = settings.limits.resolved(self.descriptor_limit)
         self.connections = ConnectionQuota(self.limits)  # shared by every session of this gateway
@@ -123,6 +126,17 @@ class GatewayAgent:
                     await asyncio.wait_for(self._stopping.wait(), next(delays))
                 except asyncio.TimeoutError:
                     pass
+
+    async def start_control(self) -> None:
+        """The local control socket (gateway.control_socket), if configured: before run(), so a
+        socket that cannot be served fails the start (OSError) instead of a background task."""
+        path = self.settings.governance.control_socket
+        if path is not None and self._control is None:
+            from .control import ControlServer
+
+            control = ControlServer(path, self.governor)
+            await control.start()
+            self._control = control
 
     async def _serve_link(self, http: aiohttp.ClientSession) -> bool:
         """One connection: hello, welcome, then actions until it drops. True if welcomed."""
@@ -198,6 +212,8 @@ class GatewayAgent:
         self._stopping.set()
         await asyncio.gather(*(s.close("gateway shutting down") for s in list(self.sessions.values())),
                              return_exceptions=True)
+        if self._control is not None:
+            await self._control.close()
         if self._ws is not None:
             await self._ws.close()
         for task in list(self._tasks):
@@ -247,6 +263,8 @@ class GatewayAgent:
             return {"resources": [r.public(self.name) for r in self.settings.resources if r.allows(user)]}, None
         if action.kind == "offer":
             return await self._offer(action, user)
+        if action.kind == "approve":  # an approver, authenticated by the router with their own token
+            return self.governor.answer(user, action.data), None
         session = self.sessions.get(action.conversation_id)
         if session is not None and session.user != user:
             raise ProtocolError(403, f"conversation {action.conversation_id} belongs to another user", "forbidden")
@@ -254,6 +272,7 @@ class GatewayAgent:
             return {"applied": await self._candidates(action, user, session)}, None
         # close
         self._early.pop(action.conversation_id, None)
+        self.governor.withdraw(action.conversation_id)  # a held offer the client gave up on
         if session is not None:
             await session.close("closed by client")
         return {"closed": True}, None
@@ -275,11 +294,55 @@ class GatewayAgent:
         if len(self.sessions) >= MAX_SESSIONS:
             raise ProtocolError(503, f"gateway {self.name} is at its limit of {MAX_SESSIONS} sessions",
                                 "unavailable")
-        session = AnswerSession(cid, user, resource, offer.session, self.settings,
+        request = self.governor.access_request(user, resource, cid, offer.session.mode, action.data)
+        # the decision point: nothing reaches the target before it (a held answer needs trickle)
+        decision = self.governor.decide(request, can_hold=action.trickle_ice and CAP_TRICKLE in self.capabilities)
+        if decision.verdict == "deny":
+            raise ProtocolError(403, f"access to {resource.name} denied: {decision.reason}", "forbidden")
+        if decision.verdict == "hold":
+            if any(p.conversation_id == cid for p in self.governor.approvals.pending.values()):
+                raise ProtocolError(409, f"conversation {cid} already has an offer", "conflict")
+            pending = self.governor.hold(request, decision)
+            log.info("conversation %s (%s, %s) held: request %s waits for %s", cid, user, resource.name,
+                     pending.id, ", ".join(pending.approvers))
+            return ({"held": True, "request": pending.id, "approvers": list(pending.approvers),
+                     "waiting_for": approval_wait_text(pending)},
+                    self._after_approval(action, user, offer, resource, request, pending))
+        return await self._start_session(action, user, offer, resource, request)
+
+    async def _after_approval(self, action: Action, user: str, offer: Any, resource: Resource,
+                              request: Any, pending: Any) -> None:
+        """A held offer: once approved, the session starts and its answer goes on the stream;
+        denied, expired or withdrawn, the client reads why (a failed state) and nothing starts."""
+        cid = action.conversation_id
+        approved, why = await self.governor.wait_for_approval(request, pending)
+        if not approved:
+            self.emit(cid, {"type": "state", "state": "failed", "reason": why})
+            return
+        try:
+            data, followup = await self._start_session(action, user, offer, resource, request)
+        except ProtocolError as exc:
+            self.emit(cid, {"type": "state", "state": "failed", "reason": self.settings.redact(exc.message)})
+            return
+        if followup is not None:
+            await followup
+        elif isinstance(data.get("sdp"), str):
+            self.emit(cid, {"type": "answer", "sdp": data["sdp"]})
+
+    async def _start_session(self, action: Action, user: str, offer: Any, resource: Resource,
+                             request: Any) -> tuple[dict[str, Any], Any]:
+        """An allowed (or approved) offer becomes an AnswerSession."""
+        cid = action.conversation_id
+        if cid in self.sessions:
+            raise ProtocolError(409, f"conversation {cid} already has an offer", "conflict")
+        target = self.governor.connect_resource(resource, user)  # credentials a plugin supplies now
+        session = AnswerSession(cid, user, target, offer.session, self.settings,
                                 lambda event: self.emit(cid, event), self._session_ended,
                                 limits=self.limits, connections=self.connections, router_url=self.router_url,
                                 client_window=_session_window(action.data))
         self.sessions[cid] = session
+        session.stream_policy = lambda other: self._stream_refusal(session, other)
+        self.governor.opened(session, request)
         log.info("conversation %s (%s, %s) opened: %s", cid, user, resource.name, offer.session.mode)
         self.applied_candidates[cid] = session.remote_candidates
         while len(self.applied_candidates) > CANDIDATE_HISTORY:
@@ -350,6 +413,19 @@ class GatewayAgent:
     def _session_ended(self, session: AnswerSession) -> None:
         if self.sessions.get(session.conversation_id) is session:
             del self.sessions[session.conversation_id]
+        self.governor.ended(session, session.end_reason, session.end_state)
+
+    def _stream_refusal(self, session: AnswerSession, target: Resource) -> str | None:
+        """A reused peer's stream to another resource gets the offer's decision; only allow opens it."""
+        live = self.governor.live.get(session.conversation_id)  # the offer's reason and ticket hold for it
+        access = {"access": {"reason": live.request.reason, "ticket": live.request.ticket}} if live else {}
+        request = self.governor.access_request(session.user, target, session.conversation_id, "tunnel", access)
+        decision = self.governor.decide(request)
+        if decision.verdict == "allow":
+            return None
+        if decision.verdict == "hold":
+            return f"{target.name} needs approval: start its own session (pam tunnel start {target.name})"
+        return f"access to {target.name} denied: {decision.reason}"
 
 
 def _session_window(data: Any) -> int | None:

@@ -32,6 +32,7 @@ Event = dict[str, Any]
 # many of them ICE checks is limits.max_remote_candidates.
 MAX_REMOTE_CANDIDATES = 256
 REFUSAL_NOTICE_S = 1.0  # at most one "over the rate" notice per session this often
+ENDING_ACK_S = 2.0  # end(): how long the client may take to acknowledge the reason before the close
 
 
 class AnswerSession:
@@ -67,6 +68,11 @@ class AnswerSession:
         self._offer_applied = False
         self._remote_end = False
         self._closing = False
+        self.end_reason, self.end_state = "", ""  # set by close(), read by on_end (the audit's end line)
+        self._ending_ack = asyncio.Event()  # the client read end()'s reason (control 'ended')
+        # governance: a stream to another resource of this gateway (peer reuse) asks this first;
+        # a string is the refusal the client reads
+        self.stream_policy: Callable[[Resource], str | None] | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
         self._ice_timer: asyncio.TimerHandle | None = None
         self.streams: dict[int, TcpStream] = {}
@@ -234,9 +240,28 @@ class AnswerSession:
         await asyncio.gather(*pending, return_exceptions=True)
         await self.pc.close()
         self._emit({"type": "state", "state": state, "reason": reason})
+        self.end_reason, self.end_state = reason, state
         self._on_end(self)
         log.info("conversation %s (%s, %s) %s: %s", self.conversation_id, self.user, self.resource.name,
                  state, reason)
+
+    async def end(self, reason: str) -> None:
+        """End on the gateway's initiative (a limit, `terminate`): the client reads `reason` on the
+        control channel first (control 'ending', acknowledged with 'ended', at most ENDING_ACK_S),
+        so it is never overtaken by the close itself; then close as usual."""
+        if self._closing:
+            return
+        if self._control.readyState == "open":
+            self._send_control("ending", reason=reason)
+            try:
+                await asyncio.wait_for(self._ending_ack.wait(), ENDING_ACK_S)
+            except asyncio.TimeoutError:
+                log.debug("conversation %s: no 'ended' from the client", self.conversation_id)
+        await self.close(reason)
+
+    def notice(self, message: str) -> None:
+        """A line for the user (a limit's warning); the session goes on."""
+        self._send_control("notice", message=message)
 
     # --- data plane: control channel -------------------------------------------------------
 
@@ -267,6 +292,9 @@ class AnswerSession:
             self._refuse(reason)
             return
         op = msg["op"]
+        if op == "ended":  # the client read end()'s reason
+            self._ending_ack.set()
+            return
         if op == "resize" and self.ssh is not None:
             self._resize(msg.get("cols"), msg.get("rows"))  # coalesced, so never rate-refused
             return
@@ -335,6 +363,10 @@ class AnswerSession:
             log.warning("conversation %s (%s): stream to %s refused: not allowed", self.conversation_id,
                         self.user, target.name)
             self._refuse(f"user {self.user} may not use resource {target.name}", id=stream_id)
+            return None
+        refusal = self.stream_policy(target) if self.stream_policy is not None else None
+        if refusal is not None:
+            self._refuse(refusal, id=stream_id)
             return None
         return target
 

@@ -18,6 +18,8 @@ from typing import Any, Mapping
 from .. import rtc
 from ..protocol import ALL_CAPABILITIES, MAX_CONVERSATIONS_PER_USER, check_name
 from .limits import GatewayLimits, limits_from_table
+from .policy import (GOVERNANCE_KEYS, AccessRules, GovernanceSettings, access_from_table,
+                     governance_from_table, supplied_secrets)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,6 +79,7 @@ class Resource:
     record: bool = False
     known_hosts: str | None = None
     insecure_skip_host_key_check: bool = False
+    access: AccessRules = field(default_factory=AccessRules)  # [resources.access], policy.py
 
     def allows(self, user: str) -> bool:
         return self.users is None or user in self.users
@@ -138,6 +141,7 @@ class GatewaySettings:
     resources: tuple[Resource, ...] = ()
     limits: GatewayLimits = field(default_factory=GatewayLimits)  # [gateway.limits], see limits.py
     router_urls: tuple[str, ...] = ()  # every router node (router_url = a list); the agent rotates
+    governance: GovernanceSettings = field(default_factory=GovernanceSettings)  # plugins, audit, control
 
     def __post_init__(self) -> None:
         if not self.router_urls and self.router_url:
@@ -152,7 +156,7 @@ class GatewaySettings:
 
     def redact(self, text: str) -> str:
         """Belt and braces for text that leaves the gateway: no credential survives it."""
-        for secret in self.secrets():
+        for secret in self.secrets() + supplied_secrets():  # and any a credential plugin supplied
             if secret in text:
                 text = text.replace(secret, "***")
         return text
@@ -368,7 +372,7 @@ def _private_key(reader: _Reader) -> str | None:
 
 def _resource(reader: _Reader) -> Resource:
     reader.reject_unknown({"name", "kind", "host", "port", "username", "password", "private_key", "users",
-                           "record", "known_hosts", "insecure_skip_host_key_check"})
+                           "record", "known_hosts", "insecure_skip_host_key_check", "access"})
     name = reader.name("name")
     kind = reader.get("kind", str, required=True)
     if kind not in RESOURCE_KINDS:
@@ -389,11 +393,12 @@ def _resource(reader: _Reader) -> Resource:
                         private_key=_private_key(reader), users=users,
                         record=reader.get("record", bool, False),
                         known_hosts=str(reader.path("known_hosts")) if "known_hosts" in reader.table else None,
-                        insecure_skip_host_key_check=reader.get("insecure_skip_host_key_check", bool, False))
+                        insecure_skip_host_key_check=reader.get("insecure_skip_host_key_check", bool, False),
+                        access=access_from_table(reader.table_at("access")))
     if kind == "ssh":
         if not resource.username:
             raise reader.error("username", "is required for an ssh resource")
-        if not (resource.password or resource.private_key):
+        if not (resource.password or resource.private_key or resource.access.credentials_from_plugin):
             raise reader.error("password", "an ssh resource needs a password or a private_key")
     return resource
 
@@ -413,7 +418,7 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
         return None
     reader.reject_unknown({"name", "token", "router_url", "legacy", "capabilities", "host_addresses",
                            "ice_servers", "recordings_dir", "ice_timeout", "limits", "ice_transport_policy",
-                           "router_ca_file"})
+                           "router_ca_file", *GOVERNANCE_KEYS})
     try:
         policy = rtc.check_policy(reader.get("ice_transport_policy", str, "all"))
     except ValueError as exc:
@@ -450,7 +455,7 @@ def _gateway(root: _Reader) -> GatewaySettings | None:
                            recordings_dir=reader.path("recordings_dir", "recordings"),
                            ice_timeout=reader.number("ice_timeout", DEFAULT_ICE_TIMEOUT_S, 0.1, 600),
                            resources=tuple(resources), limits=limits_from_table(reader.table_at("limits")),
-                           router_urls=router_urls)
+                           router_urls=router_urls, governance=governance_from_table(reader))
 
 
 def _router_urls(reader: _Reader) -> tuple[str, ...]:

@@ -54,6 +54,11 @@ async def start_stack(config: Config, host: str | None = None, port: int | None 
     agent = task = None
     if with_agent and config.gateway is not None:
         agent = GatewayAgent(config.gateway, url)
+        try:
+            await agent.start_control()  # governance's control socket, when configured
+        except OSError:
+            await router.stop()
+            raise
         task = asyncio.ensure_future(agent.run())
     return Stack(router, agent, task)
 
