@@ -217,8 +217,10 @@ class Stack:
     """Targets, router, latency proxies and gateway agents; a client runtime on demand. Context manager."""
 
     def __init__(self, workdir: Path, gateways: Sequence[GatewaySpec], *, ssh: bool = True,
-                 gateway_addresses: Sequence[str] = ("127.0.0.1",)) -> None:
+                 gateway_addresses: Sequence[str] = ("127.0.0.1",),
+                 router_settings: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
+        self.router_settings = dict(router_settings or {})  # e.g. max_conversations_per_user
         self.specs = list(gateways)
         self.ssh = ssh
         self.gateway_addresses = tuple(gateway_addresses)
@@ -250,7 +252,8 @@ class Stack:
         gateway_tokens = {spec.name: secrets.token_urlsafe(24) for spec in self.specs}
         router_config = write_toml(self.workdir / "router.toml", [
             # Benchmarks fire many actions at once (50 tunnels, per-candidate legacy): lift the rate limit.
-            ("[router]", {"listen": "127.0.0.1:0", "rate_limit": 10000, "rate_burst": 10000}),
+            ("[router]", {"listen": "127.0.0.1:0", "rate_limit": 10000, "rate_burst": 10000,
+                          **self.router_settings}),
             ("[[users]]", {"name": USER, "token": self.token}),
             *(("[[gateways]]", {"name": name, "token": token}) for name, token in gateway_tokens.items())])
         self.router = self._child([str(HERE / "router_process.py"), "--config", str(router_config)], "router")
