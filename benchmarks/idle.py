@@ -1,11 +1,12 @@
 """CPU that idle pam tunnels cost each side: N tunnels (one peer connection each) open and idle.
 
-For each variant, stock (PAM_SCTP_TUNING=0 on the client peers and the gateway agent: ICE
-consent every 0.5 s), two-sided (commander_pam_plugin.idle_consent with PAM_CONSENT_MODE=both:
-each side checks every 2 s while idle) and tuned (the default, one-sided: the client checks
-every 2 s, the gateway only once the client's checks stop arriving), N tunnels are opened
-(--per-stack of them per router, gateway agent and client runtime; by default all of them on
-one, as one shell and one gateway run them), each carries one byte, then all stay idle for
+For each variant (VARIANTS: stock, PAM_SCTP_TUNING=0 on the client peers and the gateway agent,
+ICE consent every 0.5 s; before, idle_consent.py as it was before the one-sided mode and the
+shared consent clock, PAM_CONSENT_MODE=both PAM_CONSENT_CLOCK=0: each side checks every 2 s on
+its own timer; each of the two changes alone; tuned, the default: the client checks every 2 s
+on the loop's shared tick, the gateway only once the client's checks stop arriving) N tunnels
+are opened (--per-stack of them per router, gateway agent and client runtime; by default all of
+them on one, as one shell and one gateway run them), each carries one byte, then all stay idle for
 --seconds. Reported, as a percentage of one core over that window: the plugin's threads in this
 process (each runtime's loop thread and each session's stream listener: what a shell running
 these tunnels spends), the gateway agents (summed), and the whole client process, which also
@@ -13,7 +14,7 @@ runs the benchmark's latency proxies and log readers. Variants alternate over --
 medians. Other work on the cores shows in the load average kept in the JSON.
 
     python benchmarks/idle.py [--tunnels 200] [--seconds 20] [--rounds 3] [--per-stack 200]
-                              [--variants stock,two-sided,tuned] [--json FILE]
+                              [--variants stock,before,...] [--json FILE]
 """
 from __future__ import annotations
 
@@ -33,24 +34,26 @@ from commander_pam_plugin import idle_consent
 from commander_pam_plugin.negotiation import ConnectOptions
 
 BATCH = 20  # tunnels opened at once
-# (name, PAM_SCTP_TUNING, PAM_CONSENT_MODE): aiortc's own classes and every-0.5 s checks; tuned
-# with each side checking every 2 s (before the one-sided mode); tuned as shipped.
-VARIANTS = (("stock", "0", "both"), ("two-sided", "1", "both"), ("tuned", "1", "one-sided"))
+# (name, PAM_SCTP_TUNING, PAM_CONSENT_MODE, PAM_CONSENT_CLOCK): aiortc's own classes and
+# every-0.5 s checks; "before": each side checking every 2 s on its own timer (idle_consent.py as
+# it was before the one-sided mode and the shared clock); each change alone; tuned as shipped.
+VARIANTS = (("stock", "0", "both", "0"), ("before", "1", "both", "0"), ("clock-only", "1", "both", "1"),
+            ("one-sided-only", "1", "one-sided", "0"), ("tuned", "1", "one-sided", "1"))
 PER_STACK = 200  # tunnels per router, gateway agent and client runtime (one shell, one gateway)
 
 
 @contextlib.contextmanager
-def consent(value: str) -> Iterator[None]:
-    """PAM_CONSENT_MODE=value while peers (and agent processes) are being built."""
-    old = os.environ.get(idle_consent.MODE_ENV)
-    os.environ[idle_consent.MODE_ENV] = value
+def environment(name: str, value: str) -> Iterator[None]:
+    """name=value while peers (and agent processes) are being built."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop(idle_consent.MODE_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[idle_consent.MODE_ENV] = old
+            os.environ[name] = old
 
 
 def threads_cpu_seconds(native_ids: list[int]) -> float:
@@ -65,13 +68,14 @@ def threads_cpu_seconds(native_ids: list[int]) -> float:
     return total
 
 
-def one_round(workdir: Path, tuning_value: str, consent_mode: str, tunnels: int, seconds: float,
+def one_round(workdir: Path, tuning_value: str, consent_mode: str, clock: str, tunnels: int, seconds: float,
               per_stack: int = PER_STACK) -> dict[str, float]:
     stacks: list[Any] = []
     runtimes: list[Any] = []
     opened: list[tuple[Any, Any]] = []
     try:
-        with _paths.tuning(tuning_value), consent(consent_mode):
+        with _paths.tuning(tuning_value), environment(idle_consent.MODE_ENV, consent_mode), \
+                environment(idle_consent.CLOCK_ENV, clock):
             for index in range(0, tunnels, per_stack):
                 stack_dir = workdir / f"stack-{index // per_stack}"
                 stack_dir.mkdir()
@@ -128,12 +132,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pam-idle-") as tmp:
         for round_index in range(args.rounds):
-            for name, value, consent_mode in VARIANTS:
+            for name, value, consent_mode, clock in VARIANTS:
                 if name not in args.variants:
                     continue
                 workdir = Path(tmp) / f"{name}-{round_index}"
                 workdir.mkdir()
-                figures.setdefault(name, []).append(one_round(workdir, value, consent_mode, args.tunnels,
+                figures.setdefault(name, []).append(one_round(workdir, value, consent_mode, clock, args.tunnels,
                                                               args.seconds, args.per_stack))
             print(f"round {round_index + 1} done ({time.monotonic() - started:.0f} s)", file=sys.stderr)
     result: dict[str, Any] = {
@@ -171,8 +175,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--per-stack", type=int, default=PER_STACK,
                         help="tunnels per router, gateway agent and client runtime (default %(default)s)")
-    parser.add_argument("--variants", default="stock,two-sided,tuned",
-                        help="comma-separated subset of stock,two-sided,tuned")
+    parser.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
+                        help="comma-separated subset of %(default)s")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]

@@ -238,7 +238,7 @@ class PamConnection(aioice.ice.Connection):
         assert self.remote_password is not None
         failures = 0
         while True:
-            await asyncio.sleep(idle_consent.tick_s(CONSENT_INTERVAL_S, failures, self))
+            await idle_consent.wait(idle_consent.tick_s(CONSENT_INTERVAL_S, failures, self), self)
             if not idle_consent.check_due(self, failures):  # idle sessions: rarely (idle_consent.py)
                 continue
             for pair in self._nominated.values():

@@ -113,3 +113,38 @@ async def _listener_frees_a_silent_peer() -> float:
 
 def test_the_listener_frees_a_peer_whose_checks_stopped() -> None:
     assert asyncio.run(_listener_frees_a_silent_peer()) >= idle_consent.PASSIVE_QUIET_S * 0.5
+
+
+async def _timers_for_waits(delays: list[float]) -> tuple[int, int]:
+    """(timers the clock set, waits that ended) for consent waits of these lengths on one loop."""
+    loop = asyncio.get_running_loop()
+    connection = rtc.PamConnection(ice_controlling=True)
+    timers = 0
+    call_at, call_later = loop.call_at, loop.call_later
+
+    def counting(original: Any) -> Any:
+        def schedule(when: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal timers
+            timers += 1
+            return original(when, callback, *args, **kwargs)
+        return schedule
+
+    loop.call_at, loop.call_later = counting(call_at), counting(call_later)  # type: ignore[method-assign]
+    try:
+        results = await asyncio.gather(*(idle_consent.wait(d, connection) for d in delays))
+    finally:
+        loop.call_at, loop.call_later = call_at, call_later  # type: ignore[method-assign]
+    return timers, len(results)
+
+
+def test_waits_ending_in_one_clock_tick_share_one_timer() -> None:
+    delays = [0.3 + 0.2 * i / 50 for i in range(50)]  # 50 consent loops due within 0.2 s of each other
+    timers, ended = asyncio.run(_timers_for_waits(delays))
+    assert ended == 50
+    assert timers <= 2, timers  # one per tick slot (0.2 s spans at most two), not one per wait
+
+
+def test_with_pam_consent_clock_0_each_wait_has_its_own_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(idle_consent.CLOCK_ENV, "0")
+    timers, ended = asyncio.run(_timers_for_waits([0.3 + 0.2 * i / 50 for i in range(50)]))
+    assert ended == 50 and timers >= 50, timers
