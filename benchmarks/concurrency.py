@@ -56,8 +56,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = ConnectOptions(trickle=True, timeout_s=60.0)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pam-bench-") as tmp, \
-            _stack.Stack(Path(tmp), [_stack.GatewaySpec(GATEWAY)], ssh=False,
-                         gateway_addresses=addresses) as stack:
+            _stack.Stack(Path(tmp), [_stack.GatewaySpec(GATEWAY)], ssh=False, gateway_addresses=addresses,
+                         # the router's default (64 open conversations per user) would refuse 200 at once
+                         router_settings={"max_conversations_per_user": args.tunnels + 16}) as stack:
         agent = stack.agents[GATEWAY]
         runtime = stack.runtime(addresses)
         tunnels: list[Any] = []
@@ -84,7 +85,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         t0.append(time.perf_counter())
                 return open_ready(runtime, options, t0[0])
 
+            cpu_before = (_stack.process_cpu_seconds(os.getpid()), agent.cpu_seconds())
             results = _stack.in_threads(args.tunnels, open_one)
+            cpu_after = (_stack.process_cpu_seconds(os.getpid()), agent.cpu_seconds())
             tunnels = [r[0] for r in results if not isinstance(r, Exception)]
             failures = [r for r in results if isinstance(r, Exception)]
             ready = [r[1] for r in results if not isinstance(r, Exception)]
@@ -111,6 +114,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "single_ready_ms": _stack.summary(single),
         "concurrent_ready_ms": {**_stack.summary(ready), "p50": p50, "p95": p95},
         "ratio_p95_to_single_median": ratio,
+        # CPU while all of them were opened, per tunnel: the client process (its threads include the
+        # benchmark's opener threads, a shell's command threads) and the gateway agent
+        "cpu_ms_per_setup": {"client": round(1000 * (cpu_after[0] - cpu_before[0]) / args.tunnels, 2),
+                             "gateway": round(1000 * (cpu_after[1] - cpu_before[1]) / args.tunnels, 2)},
         "opened": sessions_up, "failed_to_open": len(failures),
         "open_errors": sorted({str(f)[:200] for f in failures}),
         "transfers_intact": ok, "transfers": len(tunnels), "transfer_kib_each": args.kib,
@@ -128,6 +135,9 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"  single tunnel ready: median {s['median']} ms (min {s['min']}, max {s['max']}, n {s['n']})")
     print(f"  concurrent ready:    p50 {c['p50']:.1f} ms, p95 {c['p95']:.1f} ms, max {c['max']} ms; "
           f"p95 / single median = {result['ratio_p95_to_single_median']}")
+    cpu = result["cpu_ms_per_setup"]
+    print(f"  CPU per setup while they opened: client {cpu['client']} ms, gateway {cpu['gateway']} ms; "
+          f"load {meta['loadavg_1_5_15']}")
     print(f"  opened {result['opened']}, failed {result['failed_to_open']}; transfers intact "
           f"{result['transfers_intact']}/{result['transfers']} ({meta['kib']} KiB each way)")
     rss = result["gateway_rss_kib"]

@@ -27,7 +27,7 @@ from aiortc import (RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPe
                     RTCSessionDescription)
 from aiortc.rtcicetransport import candidate_from_aioice
 
-from . import idle_consent, sctp_tuning
+from . import dtls_certificate, idle_consent, sctp_tuning
 
 DEFAULT_HOST_ADDRESSES = ("127.0.0.1",)
 
@@ -289,6 +289,7 @@ def install() -> None:
     if aiortc.rtcicetransport.Connection is aioice.ice.Connection:
         aiortc.rtcicetransport.Connection = PamConnection  # what RTCIceGatherer builds
     sctp_tuning.install()  # leaner SCTP/DTLS per packet; PAM_SCTP_TUNING=0 builds the stock ones
+    dtls_certificate.install()  # one DTLS certificate per process; PAM_SHARED_CERT=0: one per peer
 
 
 def check_host_addresses(addresses: Iterable[str], allow_empty: bool = False) -> tuple[str, ...]:
