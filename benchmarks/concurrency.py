@@ -15,6 +15,7 @@ import argparse
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -85,6 +86,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         t0.append(time.perf_counter())
                 return open_ready(runtime, options, t0[0])
 
+            print(f"concurrent open: client pid {os.getpid()}, gateway pid {agent.process.pid}",
+                  file=sys.stderr, flush=True)  # for a profiler (py-spy) to attach to
             cpu_before = (_stack.process_cpu_seconds(os.getpid()), agent.cpu_seconds())
             results = _stack.in_threads(args.tunnels, open_one)
             cpu_after = (_stack.process_cpu_seconds(os.getpid()), agent.cpu_seconds())
