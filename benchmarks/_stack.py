@@ -13,6 +13,7 @@ are counted at the router. Secrets (tokens, the SSH password) go only into 0600 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from latency_proxy import LatencyProxy
 
@@ -390,6 +391,20 @@ def emit(result: dict[str, Any], print_report: Callable[[dict[str, Any]], None],
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """name=value in this process's environment for the block (agents started in it inherit it)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def in_threads(count: int, work: Callable[[int], Any]) -> list[Any]:

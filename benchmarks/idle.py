@@ -19,14 +19,13 @@ medians. Other work on the cores shows in the load average kept in the JSON.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import _paths
 import _stack
@@ -40,20 +39,6 @@ BATCH = 20  # tunnels opened at once
 VARIANTS = (("stock", "0", "both", "0"), ("before", "1", "both", "0"), ("clock-only", "1", "both", "1"),
             ("one-sided-only", "1", "one-sided", "0"), ("tuned", "1", "one-sided", "1"))
 PER_STACK = 200  # tunnels per router, gateway agent and client runtime (one shell, one gateway)
-
-
-@contextlib.contextmanager
-def environment(name: str, value: str) -> Iterator[None]:
-    """name=value while peers (and agent processes) are being built."""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def threads_cpu_seconds(native_ids: list[int]) -> float:
@@ -74,8 +59,8 @@ def one_round(workdir: Path, tuning_value: str, consent_mode: str, clock: str, t
     runtimes: list[Any] = []
     opened: list[tuple[Any, Any]] = []
     try:
-        with _paths.tuning(tuning_value), environment(idle_consent.MODE_ENV, consent_mode), \
-                environment(idle_consent.CLOCK_ENV, clock):
+        with _paths.tuning(tuning_value), _stack.environment(idle_consent.MODE_ENV, consent_mode), \
+                _stack.environment(idle_consent.CLOCK_ENV, clock):
             for index in range(0, tunnels, per_stack):
                 stack_dir = workdir / f"stack-{index // per_stack}"
                 stack_dir.mkdir()
