@@ -72,18 +72,17 @@ class _Clock:
     wake-up on its own costs more than the check it leads to; woken together, their checks go
     out, and their answers come back, in one burst the loop handles in a few passes."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:  # holds no reference to its loop: _clocks is keyed by it, weakly
         self._slots: dict[int, list[asyncio.Future[None]]] = {}
 
-    def wait_until(self, when: float) -> asyncio.Future[None]:
+    def wait_until(self, loop: asyncio.AbstractEventLoop, when: float) -> asyncio.Future[None]:
         """A future resolved at the first tick at or after loop time `when`."""
         slot = math.ceil(when / CLOCK_TICK_S)
-        future: asyncio.Future[None] = self._loop.create_future()
+        future: asyncio.Future[None] = loop.create_future()
         waiters = self._slots.get(slot)
         if waiters is None:
             waiters = self._slots[slot] = []
-            self._loop.call_at(slot * CLOCK_TICK_S, self._fire, slot)
+            loop.call_at(slot * CLOCK_TICK_S, self._fire, slot)
         waiters.append(future)
         return future
 
@@ -106,8 +105,8 @@ async def wait(delay: float, connection: Any) -> None:
     loop = asyncio.get_running_loop()
     clock = _clocks.get(loop)
     if clock is None:
-        clock = _clocks[loop] = _Clock(loop)
-    await clock.wait_until(loop.time() + delay)
+        clock = _clocks[loop] = _Clock()
+    await clock.wait_until(loop, loop.time() + delay)
 
 
 def latch(connection: Any) -> None:

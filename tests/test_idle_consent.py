@@ -22,7 +22,7 @@ WINDOW_S = 1.2
 def fast_intervals(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(sctp_tuning.ENV, "1")
     monkeypatch.setattr(idle_consent, "IDLE_CHECK_S", 0.1)
-    monkeypatch.setattr(idle_consent, "PASSIVE_QUIET_S", 0.3)
+    monkeypatch.setattr(idle_consent, "PASSIVE_QUIET_S", 1.0)  # ten of the prober's intervals: load-proof
     monkeypatch.setattr(idle_consent, "CONFIRM_TICK_S", 0.02)
 
 
