@@ -13,6 +13,7 @@ are counted at the router. Secrets (tokens, the SSH password) go only into 0600 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from latency_proxy import LatencyProxy
 
@@ -217,8 +218,10 @@ class Stack:
     """Targets, router, latency proxies and gateway agents; a client runtime on demand. Context manager."""
 
     def __init__(self, workdir: Path, gateways: Sequence[GatewaySpec], *, ssh: bool = True,
-                 gateway_addresses: Sequence[str] = ("127.0.0.1",)) -> None:
+                 gateway_addresses: Sequence[str] = ("127.0.0.1",),
+                 router_settings: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
+        self.router_settings = dict(router_settings or {})  # e.g. max_conversations_per_user
         self.specs = list(gateways)
         self.ssh = ssh
         self.gateway_addresses = tuple(gateway_addresses)
@@ -250,7 +253,8 @@ class Stack:
         gateway_tokens = {spec.name: secrets.token_urlsafe(24) for spec in self.specs}
         router_config = write_toml(self.workdir / "router.toml", [
             # Benchmarks fire many actions at once (50 tunnels, per-candidate legacy): lift the rate limit.
-            ("[router]", {"listen": "127.0.0.1:0", "rate_limit": 10000, "rate_burst": 10000}),
+            ("[router]", {"listen": "127.0.0.1:0", "rate_limit": 10000, "rate_burst": 10000,
+                          **self.router_settings}),
             ("[[users]]", {"name": USER, "token": self.token}),
             *(("[[gateways]]", {"name": name, "token": token}) for name, token in gateway_tokens.items())])
         self.router = self._child([str(HERE / "router_process.py"), "--config", str(router_config)], "router")
@@ -387,6 +391,20 @@ def emit(result: dict[str, Any], print_report: Callable[[dict[str, Any]], None],
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """name=value in this process's environment for the block (agents started in it inherit it)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def in_threads(count: int, work: Callable[[int], Any]) -> list[Any]:

@@ -27,7 +27,7 @@ from aiortc import (RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPe
                     RTCSessionDescription)
 from aiortc.rtcicetransport import candidate_from_aioice
 
-from . import idle_consent, sctp_tuning
+from . import dtls_certificate, idle_consent, sctp_tuning
 
 DEFAULT_HOST_ADDRESSES = ("127.0.0.1",)
 
@@ -65,11 +65,16 @@ _KNOWN_SOURCES = {
     "gather_candidates": "d33db28d4d1e49ffe863eb34098e4a4a73a7cc5725e0da821e1fb94d7ade8cbb",
     "get_component_candidates": "118597a9fcb703f9950c2f2964e3e44423724576eda484ba6747b1610ccf4a2f",
     "_remote_candidates_expected": "198a141bcd262d1317d4082081eee08df67d0743fe020008ff5af61758192762",
+    # One-sided consent (4.) relies on request_received calling check_incoming only once a
+    # request is authenticated (USERNAME and MESSAGE-INTEGRITY checked).
+    "request_received": "dcdc9a3862c1a0b4d20d99c8836f3246d6214045056a4923bdfd9ff26bb8bbf2",
 }
 # 3. gather_candidates() (and so aiortc's setLocalDescription) waits for every STUN and TURN
 #    server, 5 s for one that does not answer. We gather host candidates at once and let
 #    server-reflexive and relay candidates follow on a task ("late" candidates, trickled by the
 #    caller); ICE does not declare failure while that task may still add a pair.
+# 4. Each authenticated check from the peer is counted (check_incoming), so that the ICE-controlled
+#    side can leave consent checks to the controlling one while they arrive (idle_consent.py).
 LATE_GATHER_TIMEOUT_S = 5.0  # aioice's own bound for a STUN/TURN answer
 TRICKLE_METHODS = ("gather_candidates", "get_component_candidates", "_remote_candidates_expected")
 POLICIES = ("all", "relay")
@@ -98,6 +103,7 @@ class PamConnection(aioice.ice.Connection):
         super().__init__(*args, **kwargs)
         self._late_found: list[aioice.Candidate] = []
         self._late_watchers: list[Callable[[aioice.Candidate | None], None]] = []
+        idle_consent.latch(self)
 
     # --- trickle: gathering that never waits on a STUN/TURN server ---------------------------
 
@@ -215,6 +221,16 @@ class PamConnection(aioice.ice.Connection):
         self._last_data = time.monotonic()
         super().data_received(data, component)
 
+    @property
+    def counts_peer_checks(self) -> bool:
+        """Whether authenticated checks from the peer are counted (idle_consent's listener role)."""
+        return override_supported("request_received") and override_supported("query_consent")
+
+    def check_incoming(self, message: aioice.stun.Message, addr: tuple[str, int], protocol: Any) -> None:
+        """An authenticated check from the peer (request_received verified it): the peer is there."""
+        idle_consent.peer_checked(self)
+        super().check_incoming(message, addr, protocol)
+
     async def query_consent(self) -> None:
         """RFC 7675 consent freshness, where recent traffic from the peer also proves it is there."""
         if not override_supported("query_consent"):
@@ -222,7 +238,7 @@ class PamConnection(aioice.ice.Connection):
         assert self.remote_password is not None
         failures = 0
         while True:
-            await asyncio.sleep(idle_consent.tick_s(CONSENT_INTERVAL_S, failures, self))
+            await idle_consent.wait(idle_consent.tick_s(CONSENT_INTERVAL_S, failures, self), self)
             if not idle_consent.check_due(self, failures):  # idle sessions: rarely (idle_consent.py)
                 continue
             for pair in self._nominated.values():
@@ -273,6 +289,7 @@ def install() -> None:
     if aiortc.rtcicetransport.Connection is aioice.ice.Connection:
         aiortc.rtcicetransport.Connection = PamConnection  # what RTCIceGatherer builds
     sctp_tuning.install()  # leaner SCTP/DTLS per packet; PAM_SCTP_TUNING=0 builds the stock ones
+    dtls_certificate.install()  # one DTLS certificate per process; PAM_SHARED_CERT=0: one per peer
 
 
 def check_host_addresses(addresses: Iterable[str], allow_empty: bool = False) -> tuple[str, ...]:

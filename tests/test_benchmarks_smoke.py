@@ -63,9 +63,13 @@ def test_throughput_compares_tunnel_and_direct_with_checked_transfers(tmp_path: 
 
 def test_concurrency_opens_every_tunnel_and_checks_every_transfer(tmp_path: Path) -> None:
     tunnels = 4
-    result = _run("concurrency.py", tmp_path, "--tunnels", str(tunnels), "--single-runs", "1",
-                  "--one-way-ms", "5", "--kib", "16")
-    assert result["opened"] == tunnels and result["failed_to_open"] == 0
-    assert result["transfers_intact"] == tunnels
-    assert result["concurrent_ready_ms"]["p95"] > 0 and result["ratio_p95_to_single_median"] > 0
-    assert result["gateway_rss_kib"]["all_up"] > 0 and "gateway_rss_kib_per_session" in result
+    written = _run("concurrency.py", tmp_path, "--tunnels", str(tunnels), "--single-runs", "1",
+                   "--one-way-ms", "5", "--kib", "16", "--rounds", "1")
+    assert set(written["variants"]) == {"before", "tuned"}
+    for variant in written["variants"].values():
+        (result,) = variant["rounds"]
+        assert result["opened"] == tunnels and result["failed_to_open"] == 0
+        assert result["transfers_intact"] == tunnels
+        assert result["concurrent_ready_ms"]["p95"] > 0 and result["ratio_p95_to_single_median"] > 0
+        assert result["gateway_rss_kib"]["all_up"] > 0 and "gateway_rss_kib_per_session" in result
+        assert result["cpu_ms_per_setup"]["client"] >= 0 and result["cpu_ms_per_setup"]["gateway"] >= 0
