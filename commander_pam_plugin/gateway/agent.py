@@ -24,6 +24,7 @@ from .answerer import MAX_REMOTE_CANDIDATES, AnswerSession
 from ..flow import parse_window
 from ..protocol import candidate_from_wire
 from .candidate_policy import CandidatePolicy
+from .launch_sessions import LaunchSessions
 from .config import GatewaySettings
 from .limits import ConnectionQuota, descriptor_limit
 
@@ -80,6 +81,7 @@ class GatewayAgent:
         default_caps: tuple[str, ...] = () if settings.legacy else ALL_CAPABILITIES
         self.capabilities = list(settings.capabilities if settings.capabilities is not None else default_caps)
         self.sessions: dict[str, AnswerSession] = {}
+        self.launch_sessions = LaunchSessions()  # pam launch sessions, held across a client's outage
         self.descriptor_limit = descriptor_limit()
         self.limits = settings.limits.resolved(self.descriptor_limit)
         self.connections = ConnectionQuota(self.limits)  # shared by every session of this gateway
@@ -198,6 +200,7 @@ class GatewayAgent:
         self._stopping.set()
         await asyncio.gather(*(s.close("gateway shutting down") for s in list(self.sessions.values())),
                              return_exceptions=True)
+        self.launch_sessions.end_all("gateway shutting down")  # the held ones too
         if self._ws is not None:
             await self._ws.close()
         for task in list(self._tasks):
@@ -269,6 +272,10 @@ class GatewayAgent:
             # The client may not know the kind before its offer (it addressed the offer by resource).
             raise ProtocolError(400, f"{resource.name} is a {resource.kind} resource; pam launch opens ssh "
                                      f"resources (use: pam tunnel start {resource.name})")
+        if offer.session.resume is not None:  # the same user, the same resource, still held (PROTOCOL.md 6)
+            refusal = self.launch_sessions.offer_refusal(offer.session.resume, user, resource.name)
+            if refusal is not None:
+                raise ProtocolError(refusal[0], refusal[1], "not_found" if refusal[0] == 404 else "gone")
         cid = action.conversation_id
         if cid in self.sessions:
             raise ProtocolError(409, f"conversation {cid} already has an offer", "conflict")
@@ -278,7 +285,8 @@ class GatewayAgent:
         session = AnswerSession(cid, user, resource, offer.session, self.settings,
                                 lambda event: self.emit(cid, event), self._session_ended,
                                 limits=self.limits, connections=self.connections, router_url=self.router_url,
-                                client_window=_session_window(action.data))
+                                client_window=_session_window(action.data),
+                                launch_sessions=self.launch_sessions)
         self.sessions[cid] = session
         log.info("conversation %s (%s, %s) opened: %s", cid, user, resource.name, offer.session.mode)
         self.applied_candidates[cid] = session.remote_candidates
