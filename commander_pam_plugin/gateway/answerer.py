@@ -23,7 +23,7 @@ from .candidate_policy import CandidatePolicy
 from .config import GatewaySettings, Resource
 from .limits import ConnectionQuota, GatewayLimits, RateBucket
 from .recording import AsciicastRecorder
-from .launch_sessions import LaunchSession, LaunchSessions
+from .launch_sessions import ATTACHED_ELSEWHERE, LaunchSession, LaunchSessions
 from .targets import ChannelClosed, ChannelPipe, SshTerminal, TcpStream
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,9 @@ class AnswerSession:
         if launch is None:
             log.warning("conversation %s (%s, %s): resume of %s refused: %s", self.conversation_id, self.user,
                         self.resource.name, session_id, refusal)
-            pipe.fail(f"resume refused: {refusal}")
+            # A client whose old peer the gateway still thinks live tries again (retry); other refusals are final.
+            pipe.control("error", reason=f"resume refused: {refusal}", retry=refusal == ATTACHED_ELSEWHERE)
+            pipe.close()
             return
         self.launch, self.ssh = launch, launch.ssh
         await launch.attach(pipe, self.conversation_id, hello["output"], resumed=True)

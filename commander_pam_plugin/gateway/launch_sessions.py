@@ -28,6 +28,7 @@ STDOUT, STDERR = "stdout", "stderr"
 INPUT_ACK_BYTES = 16 * 1024  # acknowledge input at once past this much, else after INPUT_ACK_DELAY_S
 INPUT_ACK_DELAY_S = 0.25
 ENDED_MEMORY = 256  # ended sessions remembered (per gateway) so that a late resume hears why
+ATTACHED_ELSEWHERE = "the session is attached to another client; one client at a time"
 MAX_BAD_SECRETS = 5  # wrong secrets for one session before it refuses every further attempt
 
 
@@ -142,8 +143,8 @@ class LaunchSession:
                 self._caught_up.clear()
             self._grown.set()
             if self.attached is None and self.output.held > self.resource.resume_buffer_bytes:
-                self.end(f"the client was away and the session produced more than "
-                         f"{self.resource.resume_buffer_bytes} bytes of output")
+                self.end(f"the client was away with more than {self.resource.resume_buffer_bytes} bytes "
+                         "of output waiting for it")
                 return
 
     def _finish(self) -> None:
@@ -269,9 +270,6 @@ class LaunchSession:
         grace = self.resource.resume_grace_s
         self._event(f"held for {grace:g} s: {reason} ({self.output.held} bytes of output kept)", "held")
         self._grace = asyncio.get_running_loop().call_later(grace, self._expire)
-        if self.output.held > self.resource.resume_buffer_bytes:
-            self.end(f"the client went away holding more than {self.resource.resume_buffer_bytes} "
-                     "bytes of unacknowledged output")
 
     def released(self, conversation_id: str, reason: str, peer_lost: bool) -> None:
         """Its conversation closed: a lost peer detaches (the session is held); any other close
@@ -396,8 +394,8 @@ class LaunchSessions:
             session.bad_secrets += 1
             log.warning("launch session %s (%s): resume refused: wrong secret", session_id, user)
             return None, "wrong resume secret"
-        if session.attached is not None:
-            return None, "the session is attached to another client; one client at a time"
+        if session.attached is not None:  # may be this client's own lost peer, not yet seen as lost
+            return None, ATTACHED_ELSEWHERE
         if not (isinstance(received, int) and not isinstance(received, bool)
                 and session.output.base <= received <= session.output.end):
             return None, (f"the client's output offset {str(received)[:24]} is outside what the gateway kept "
