@@ -6,6 +6,7 @@ remote byte usually follows the data channel by a few ms. That byte is `ready_fo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import logging
 import os
@@ -191,6 +192,7 @@ def run_launch(ctx: Any, args: argparse.Namespace) -> int:
     interactive = is_interactive(sys.stdin.fileno())
     cols, rows = terminal_size(sys.stdout.fileno() if os.isatty(sys.stdout.fileno()) else sys.stdin.fileno())
     link = TerminalLink(runtime.loop, interactive)
+    runtime.loop.call_soon(_quiet_lost_transport_errors)
 
     def first_output() -> None:
         progress.clear()
@@ -357,6 +359,28 @@ class Resumer:
             session.close()
             return outcome, detail, None
         return outcome, detail, session
+
+
+def _quiet_lost_transport_errors() -> None:
+    """A lost path makes SCTP retransmit tasks fail with ConnectionError ('not connected'), which
+    asyncio reports as an ERROR with a traceback: inside a session that is about to be resumed it
+    would land in the user's terminal. That one case goes to DEBUG; everything else as before."""
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        future = context.get("future")
+        coro = future.get_coro() if isinstance(future, asyncio.Task) else None
+        if isinstance(context.get("exception"), ConnectionError) and getattr(coro, "__name__", "") == "_transmit":
+            log.debug("SCTP transmit on a lost path: %s", context["exception"])
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    if not getattr(previous, "pam_quiet_lost_transport", False):  # once per loop
+        handler.pam_quiet_lost_transport = True  # type: ignore[attr-defined]
+        loop.set_exception_handler(handler)
 
 
 async def _on_loop(function: Callable[[], None]) -> None:
