@@ -240,7 +240,8 @@ def run_launch(ctx: Any, args: argparse.Namespace) -> int:
                                                   session_id=session.conversation_id,
                                                   reason=f"exit status {status}"))
     if args.timing:  # at the end: printed after connecting it would land inside the remote terminal
-        print(format_table(total.events), file=stderr, flush=True)
+        resumes = [event for resume in resumer.timings for event in resume.events]
+        print(format_table(total.events + resumes), file=stderr, flush=True)
     return status
 
 
@@ -257,7 +258,7 @@ class Resumer:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._runner: TerminalRunner | None = None
-        self.resumes = 0
+        self.timings: list[ConnectTiming] = []  # one per resume, from the loss being noticed
 
     def begin(self, runner: TerminalRunner) -> None:
         self._runner = runner
@@ -298,13 +299,14 @@ class Resumer:
             old = self.session
         old.close(notify=False, wait=False)
         timing = ConnectTiming(RESUME_LABEL, hook=self.hook)
+        self.timings.append(timing)
         delays = _backoff()
         request = replace(self.request, resume=grant.session_id)
         while not self._stopped.is_set():
             left = grant.grace_s - (time.monotonic() - lost_at)
             if left <= 0:
                 runner.feed_error(f"the session on {ref.name} could not be resumed within its "
-                                  f"{grant.grace_s:g} s grace period; it has ended")
+                                  f"{grant.grace_s:g} s grace period; the gateway ends it then")
                 return False
             outcome, detail, session = self._attempt(request, timing, min(ATTEMPT_TIMEOUT_S, left))
             if self._stopped.is_set():
@@ -315,7 +317,6 @@ class Resumer:
                 assert session is not None
                 with self._lock:
                     self.session = session
-                self.resumes += 1
                 timing.checkpoint("resumed")
                 runner.feed_notice(f"connection to {ref.name} re-established after "
                                    f"{time.monotonic() - lost_at:.1f} s")
@@ -342,6 +343,7 @@ class Resumer:
             holder["handshake"] = self.link.offer_resume(TerminalFlow(peer.terminal), peer)
 
         options = replace(self.options, timeout_s=timeout_s)
+        self.link.on_first_output = lambda: timing.summary("first_resumed_output")
         try:
             session = self.runtime.connect(self.hook, ResourceRef(self.ref.name, self.session.gateway), request,
                                            trickle=options.trickle, timing=timing, on_peer=on_peer,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -30,6 +31,7 @@ pytestmark = [pytest.mark.netlab, pytest.mark.skipif(_reason is not None, reason
 CUT_S = 8.0
 NEW_CLIENT_IP = "100.100.1.3"
 MARK = "PAM-RESUME"
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +59,15 @@ def udp_cut(lab: Lab) -> Iterator[None]:
                             "-j", "DROP"], capture_output=True, timeout=20)
 
 
-def _launch(stack: LabStack, config: Path, resource: str) -> tuple[pexpect.spawn, io.StringIO]:
+def _launch(stack: LabStack, config: Path, resource: str, events: Path | None = None,
+            options: str = "") -> tuple[pexpect.spawn, io.StringIO]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAM_")}
     env.update(PAM_CONFIG=str(config), TERM="xterm-256color")
-    script = f"{sys.executable} -m commander_pam_plugin.shell pam launch {resource}; echo EXIT=$?"
+    plugin = ""
+    if events is not None:  # the session-event recorder (pam_session_event, one JSON line each)
+        env["PAM_TEST_EVENTS"] = str(events)
+        plugin = f"--plugin {TESTS / 'plugins' / 'vault_and_events.py'}"
+    script = f"{sys.executable} -m commander_pam_plugin.shell {plugin} pam launch {resource} {options}; echo EXIT=$?"
     child = pexpect.spawn("ip", ["netns", "exec", stack.lab.ns("cli"), "/bin/sh", "-c", script], env=env,
                           dimensions=(30, 160), encoding="utf-8", timeout=60)
     transcript = io.StringIO()
@@ -82,8 +89,9 @@ def _cut_for(stack: LabStack, child: pexpect.spawn, seconds: float) -> None:
         time.sleep(max(0.0, seconds - (time.monotonic() - started)))  # the outage itself: the stimulus
 
 
-def test_a_cut_mid_loop_resumes_with_every_line_once_in_the_same_shell(stack: LabStack) -> None:
-    child, transcript = _launch(stack, stack.client_config(), "ssh")
+def test_a_cut_mid_loop_resumes_with_every_line_once_in_the_same_shell(stack: LabStack, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    child, transcript = _launch(stack, stack.client_config(), "ssh", events, "--timing")
     try:
         pid = _shell_pid(child)
         child.sendline("for i in $(seq 1 400); do echo line-$i; sleep 0.01; done; echo LOOP-$((40+2))")
@@ -101,6 +109,25 @@ def test_a_cut_mid_loop_resumes_with_every_line_once_in_the_same_shell(stack: La
     assert lines == list(range(1, 401)), _differences(lines)
     assert "re-established after" in text
     assert status == "7"
+    kinds = [json.loads(line)["kind"] for line in events.read_text().splitlines()]
+    assert kinds == ["opened", "resumed", "closed"], kinds
+    assert re.search(r"pam-launch:resume\s+resumed\s+[\d.]+", text), text[-2000:]  # --timing, at the end
+
+
+def test_tilde_dot_while_away_gives_up_at_once_and_typing_is_dropped_with_a_notice(stack: LabStack) -> None:
+    child, _ = _launch(stack, stack.client_config(), "ssh")
+    try:
+        _shell_pid(child)
+        with udp_cut(stack.lab):
+            child.expect(r"re-establishing", timeout=CUT_S + 10)
+            child.send("ls")
+            child.expect(r"typing is not sent while the connection is being re-established")
+            child.send("\r~.")
+            child.expect(r"Connection to remote closed\.")
+            child.expect(r"EXIT=(\d+)")
+            assert child.match.group(1) == "255"
+    finally:
+        child.close(force=True)
 
 
 def test_a_new_local_address_during_the_outage_resumes(stack: LabStack) -> None:
