@@ -183,8 +183,9 @@ def test_only_the_same_user_with_the_secret_resumes_and_one_client_at_a_time(sta
 
 
 def test_output_while_away_is_replayed_from_the_clients_offset(stack) -> None:
-    first = RawTerminal(stack, "alice", "box", _resumable("read go; seq 1 2000; echo done"))
+    first = RawTerminal(stack, "alice", "box", _resumable("echo start; read go; seq 1 2000; echo done"))
     grant = first.op("session")
+    first.wait_output(b"start\n")
     received = len(first.output())
     first.lose()
     second = _resume_when_detached(stack, grant, received)

@@ -107,6 +107,15 @@ def test_a_cut_mid_loop_resumes_with_every_line_once_in_the_same_shell(stack: La
     text = transcript.getvalue()
     lines = [int(n) for n in re.findall(r"(?<![\w$])line-(\d+)\r\n", text)]
     assert lines == list(range(1, 401)), _differences(lines)
+    # byte for byte: the loop's output, with only the client's own status lines in between
+    start = re.search(r"[\r\n]line-1\r\n", text)
+    end = re.search(r"[\r\n]LOOP-42\r\n", text)
+    assert start is not None and end is not None
+    loop_output = text[start.start() + 1:end.start() + 1]
+    seen = re.sub(r"(?<=\n)connection to ssh [^\r\n]*\r\n", "", loop_output)
+    expected = "".join(f"line-{i}\r\n" for i in range(1, 401))
+    at = next((i for i, (a, b) in enumerate(zip(seen, expected)) if a != b), min(len(seen), len(expected)))
+    assert seen == expected, f"differs at {at}: {seen[max(0, at - 40):at + 80]!r}"
     assert "re-established after" in text
     assert status == "7"
     kinds = [json.loads(line)["kind"] for line in events.read_text().splitlines()]
