@@ -57,10 +57,14 @@ def measure(one_way_ms: float, signaling_rtt_ms: float, runs: int, cut_s: float)
                     child.expect(r"re-establishing")  # ticks before it were in flight before the cut
                     time.sleep(max(0.0, cut_s - (time.monotonic() - cut_at)))  # the outage itself
                 restored = time.monotonic()
-                child.expect(r"tick-")
-                restore_to_byte.append((time.monotonic() - restored) * 1000)
-                child.expect(r"re-established after ([\d.]+) s")
-                loss_to_resumed.append(float(child.match.group(1)) * 1000)
+                first_byte = resumed = None
+                while first_byte is None or resumed is None:  # the client's notice may come first
+                    if child.expect([r"tick-", r"re-established after ([\d.]+) s"]) == 0:
+                        first_byte = first_byte or time.monotonic()
+                    else:
+                        resumed = float(child.match.group(1)) * 1000
+                restore_to_byte.append((first_byte - restored) * 1000)
+                loss_to_resumed.append(resumed)
             child.sendcontrol("c")
             child.sendline("exit")
             child.expect(pexpect.EOF)

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import queue
 import re
 import sys
 import threading
@@ -22,7 +23,7 @@ from aiortc import RTCDataChannel
 
 from . import flow, protocol
 from .errors import PamError
-from .launch_link import TerminalLink
+from .launch_link import TerminalLink, settle
 from .negotiation import ConnectOptions, RouterRefusal, Session
 from .peer import HIGH_WATER, LOW_WATER, ClientPeer
 from .progress import ProgressIndicator
@@ -32,7 +33,9 @@ from .timing import ConnectTiming, format_table
 
 log = logging.getLogger(__name__)
 RESUME_LABEL = "pam-launch:resume"
-ATTEMPT_TIMEOUT_S = 5.0  # one resume negotiation; a path still down fails it and the next one starts
+ATTEMPT_TIMEOUT_S = 6.0  # one resume negotiation; a path still down fails it
+ATTEMPT_STAGGER_S = 1.5  # a new attempt this often while the path is down ...
+MAX_ATTEMPTS_IN_FLIGHT = 3  # ... with at most this many negotiating at once
 HANDSHAKE_TIMEOUT_S = 10.0  # data channel up to the gateway's resumed/refused
 
 _TERM_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
@@ -259,6 +262,8 @@ class Resumer:
         self._lock = threading.Lock()
         self._runner: TerminalRunner | None = None
         self.timings: list[ConnectTiming] = []  # one per resume, from the loss being noticed
+        self._outage = 0  # numbered, so a late attempt of an earlier outage never claims a later one
+        self._claimed = 0  # the outage whose resume an attempt is presenting the secret for
 
     def begin(self, runner: TerminalRunner) -> None:
         self._runner = runner
@@ -300,15 +305,33 @@ class Resumer:
         old.close(notify=False, wait=False)
         timing = ConnectTiming(RESUME_LABEL, hook=self.hook)
         self.timings.append(timing)
-        delays = _backoff()
         request = replace(self.request, resume=grant.session_id)
+        outcomes: queue.Queue[tuple[str, str, Session | None]] = queue.Queue()
+        self._outage += 1
+        outage, in_flight, started, delays = self._outage, 0, 0, _backoff()
+        next_start = time.monotonic()
         while not self._stopped.is_set():
-            left = grant.grace_s - (time.monotonic() - lost_at)
+            now = time.monotonic()
+            left = grant.grace_s - (now - lost_at)
             if left <= 0:
                 runner.feed_error(f"the session on {ref.name} could not be resumed within its "
                                   f"{grant.grace_s:g} s grace period; the gateway ends it then")
                 return False
-            outcome, detail, session = self._attempt(request, timing, min(ATTEMPT_TIMEOUT_S, left))
+            if in_flight < MAX_ATTEMPTS_IN_FLIGHT and now >= next_start:
+                # Attempts overlap: a path that comes back is found by the freshest one's ICE
+                # checks (they retransmit ever more rarely), not only after the oldest gives up.
+                started += 1
+                timing.checkpoint(f"attempt_{started}_started")
+                threading.Thread(target=lambda timeout: outcomes.put(self._attempt(request, outage, timeout)),
+                                 args=(min(ATTEMPT_TIMEOUT_S, left),), name="pam-launch-resume-attempt",
+                                 daemon=True).start()
+                in_flight += 1
+                next_start = now + ATTEMPT_STAGGER_S
+            try:
+                outcome, detail, session = outcomes.get(timeout=max(0.01, min(left, next_start - now)))
+            except queue.Empty:
+                continue
+            in_flight -= 1
             if self._stopped.is_set():
                 if session is not None:
                     session.close()
@@ -330,35 +353,52 @@ class Resumer:
                 runner.feed_error(f"the session on {ref.name} cannot be resumed: {detail}")
                 return False
             log.debug("resume attempt failed: %s", detail)
-            self._stopped.wait(min(next(delays), max(0.0, left)))
+            next_start = max(next_start, time.monotonic() + next(delays))  # failing fast (router refusing): back off
         return False
 
-    def _attempt(self, request: FlowSessionRequest, timing: ConnectTiming,
-                 timeout_s: float) -> tuple[str, str, Session | None]:
-        """One negotiation and handshake: ("resumed"|"refused"|"retry", reason, session)."""
+    def _attempt(self, request: FlowSessionRequest, outage: int, timeout_s: float) -> tuple[str, str, Session | None]:
+        """One negotiation and handshake (own thread): ("resumed"|"refused"|"retry", reason, session).
+
+        Of attempts that connect, the first claims the outage and presents the secret; the others close."""
         holder: dict[str, Any] = {}
 
         def on_peer(peer: ClientPeer) -> None:
             assert peer.terminal is not None
-            holder["handshake"] = self.link.offer_resume(TerminalFlow(peer.terminal), peer)
+            holder["flow"] = TerminalFlow(peer.terminal)
+            holder["handshake"] = self.link.offer_resume(holder["flow"], peer)
 
         options = replace(self.options, timeout_s=timeout_s)
-        self.link.on_first_output = lambda: timing.summary("first_resumed_output")
         try:
             session = self.runtime.connect(self.hook, ResourceRef(self.ref.name, self.session.gateway), request,
-                                           trickle=options.trickle, timing=timing, on_peer=on_peer,
-                                           options=options)
+                                           trickle=options.trickle, on_peer=on_peer, options=options)
         except RouterRefusal as exc:
             final = exc.http_status in (403, 404, 410)
             return ("refused" if final else "retry"), exc.message.removeprefix("router: "), None
         except PamError as exc:
             return "retry", exc.message, None
+        with self._lock:
+            claimed = self._claimed == outage or self._stopped.is_set()
+            if not claimed:
+                self._claimed = outage
+        if claimed:  # another attempt of this outage got there first
+            session.close(notify=False)
+            return "retry", "another attempt resumed first", None
+        timing = self.timings[-1]
+        timing.checkpoint("connected")
+        self.link.on_first_output = lambda: timing.summary("first_resumed_output")
+        handshake = holder["handshake"]
+        self.runtime.loop.call_soon(self.link.hello, holder["flow"])
         try:
-            outcome, detail = holder["handshake"].result(timeout=HANDSHAKE_TIMEOUT_S)
+            outcome, detail = handshake.result(timeout=HANDSHAKE_TIMEOUT_S)
         except concurrent.futures.TimeoutError:
-            outcome, detail = "retry", "the gateway did not answer the resume request"
+            settle(handshake, ("retry", "the gateway did not answer the resume request"))
+            outcome, detail = handshake.result()  # "resumed" if it came just now
         if outcome != "resumed":
-            session.close()
+            # Without the close action: a close would end the held session if the gateway had
+            # attached it to this attempt; a lost peer only detaches it.
+            with self._lock:
+                self._claimed = 0
+            session.close(notify=False)
             return outcome, detail, None
         return outcome, detail, session
 

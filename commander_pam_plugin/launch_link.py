@@ -77,7 +77,6 @@ class TerminalLink:
         self.on_first_output: Callable[[], None] | None = None
         self._typed_away_noticed = False
         self.away = False
-        self._handshake: concurrent.futures.Future[tuple[str, str]] | None = None
         self._on_writable: Callable[[], None] | None = None
         self._lock = threading.Lock()
 
@@ -90,21 +89,27 @@ class TerminalLink:
         flow.channel.on("message", lambda message: self._on_message(flow, message))
 
     def offer_resume(self, flow: Any, peer: Any) -> concurrent.futures.Future[tuple[str, str]]:
-        """A new channel for a held session: once open, the resume request goes first; the future
-        gets ("resumed", "") or ("refused"|"retry", reason)."""
-        assert self.grant is not None
+        """A new channel for a held session (before negotiation): the future gets ("resumed", "")
+        or ("refused"|"retry", reason) once `hello` has asked."""
         handshake: concurrent.futures.Future[tuple[str, str]] = concurrent.futures.Future()
-        self._handshake = handshake
-        grant = self.grant
+        flow.channel.on("message", lambda message: self._on_message(flow, message, (peer, handshake)))
+        flow.channel.on("close", lambda: settle(handshake, ("retry", "the new terminal channel closed")))
+        return handshake
 
-        def hello() -> None:  # after TerminalFlow's own open handler: its credit goes first
+    def hello(self, flow: Any) -> None:
+        """The resume request, first on the new channel; sent only once the connect has succeeded,
+        so the gateway never attaches the session to an attempt this client has given up on."""
+        grant = self.grant
+        assert grant is not None
+
+        def send() -> None:  # after TerminalFlow's own open handler: its credit goes first
             flow.channel.send(protocol.control_message("resume", id=grant.session_id, secret=grant.secret,
                                                        output=self.output_received))
 
-        flow.channel.on("open", hello)
-        flow.channel.on("message", lambda message: self._on_message(flow, message, peer))
-        flow.channel.on("close", lambda: _settle(handshake, ("retry", "the new terminal channel closed")))
-        return handshake
+        if flow.channel.readyState == "open":
+            send()
+        else:
+            flow.channel.once("open", send)
 
     def detach(self) -> None:
         """The peer is gone: nothing is sent until a resume attaches a new channel."""
@@ -138,7 +143,8 @@ class TerminalLink:
 
     # --- arriving messages --------------------------------------------------------------------
 
-    def _on_message(self, flow: Any, message: Any, resuming_peer: Any = None) -> None:
+    def _on_message(self, flow: Any, message: Any, resuming: tuple[Any, concurrent.futures.Future[Any]] | None = None
+                    ) -> None:
         if flow.take(message):
             return
         if isinstance(message, bytes):
@@ -152,8 +158,8 @@ class TerminalLink:
             return
         kind = op["op"]
         if flow is not self.flow:
-            if resuming_peer is not None and self._handshake is not None:
-                self._on_handshake(flow, resuming_peer, op)
+            if resuming is not None:
+                self._on_handshake(flow, *resuming, op)
             return
         if kind == "session" and isinstance(op.get("id"), str) and isinstance(op.get("secret"), str):
             grace = op.get("grace")
@@ -169,20 +175,19 @@ class TerminalLink:
         else:
             self._deliver("control", op)
 
-    def _on_handshake(self, flow: Any, peer: Any, op: dict[str, Any]) -> None:
-        handshake = self._handshake
-        assert handshake is not None
+    def _on_handshake(self, flow: Any, peer: Any, handshake: concurrent.futures.Future[Any],
+                      op: dict[str, Any]) -> None:
         if op["op"] == "resumed":
             written, output = op.get("input"), op.get("output")
             if (not isinstance(written, int) or isinstance(written, bool) or not self.input.base <= written
                     <= self.input.end or output != self.output_received):
-                _settle(handshake, ("refused", "the gateway's resume offsets do not match this client's"))
+                settle(handshake, ("refused", "the gateway's resume offsets do not match this client's"))
                 return
-            self._attach(flow, peer, written, op.get("eof") is True)
-            _settle(handshake, ("resumed", ""))
+            if settle(handshake, ("resumed", "")):  # else the resumer gave up on this attempt
+                self._attach(flow, peer, written, op.get("eof") is True)
         elif op["op"] == "error":
             reason = str(op.get("reason") or "resume refused")[:300]
-            _settle(handshake, ("retry" if op.get("retry") is True else "refused", reason))
+            settle(handshake, ("retry" if op.get("retry") is True else "refused", reason))
 
     def _output(self, data: bytes) -> None:
         self.output_received += len(data)
@@ -297,6 +302,10 @@ class TerminalLink:
         self.loop.call_soon(forget)
 
 
-def _settle(future: concurrent.futures.Future[Any], value: Any) -> None:
-    if not future.done():
+def settle(future: concurrent.futures.Future[Any], value: Any) -> bool:
+    """Set the outcome unless one is set already (from either thread); True if this call set it."""
+    try:
         future.set_result(value)
+    except concurrent.futures.InvalidStateError:
+        return False
+    return True

@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import asyncssh
 
@@ -365,6 +365,9 @@ class LaunchSessions:
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def __iter__(self) -> Iterator[LaunchSession]:
+        return iter(list(self._live.values()))
 
     def get(self, session_id: str) -> LaunchSession | None:
         return self._live.get(session_id)
