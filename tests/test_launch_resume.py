@@ -250,3 +250,117 @@ def test_resume_requests_are_validated() -> None:
     request = protocol.validate_session({"mode": "terminal", "resume": "abcdefgh12", "stderr": True})
     assert request.resume == "abcdefgh12" and request.stderr and not request.resumable
     assert "resume" not in protocol.SessionRequest(mode="terminal").to_json()  # older gateways see the old request
+
+
+class _FakeChannel:
+    """Only what TerminalLink touches of an RTCDataChannel: handlers, readyState, sent items."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, list[Callable[..., None]]] = {}
+        self.readyState = "open"
+        self.sent: list[Any] = []
+
+    def on(self, event: str, handler: Callable[..., None]) -> None:
+        self.handlers.setdefault(event, []).append(handler)
+
+    once = on
+
+    def send(self, item: Any) -> None:
+        self.sent.append(item)
+
+    def arrive(self, message: Any) -> None:
+        for handler in self.handlers.get("message", []):
+            handler(message)
+
+
+class _FakeFlow:
+    def __init__(self) -> None:
+        self.channel = _FakeChannel()
+        self.writable = threading.Event()
+        self.writable.set()
+        self.on_writable: Callable[[], None] | None = None
+        self.sent: list[Any] = []
+
+    def take(self, message: Any) -> bool:
+        return False
+
+    def reserve(self, size: int) -> None:
+        pass
+
+    def send(self, item: Any) -> None:
+        self.sent.append(item)
+
+
+class _FakePeer:
+    def __init__(self) -> None:
+        self.controls: list[tuple[str, dict[str, Any]]] = []
+
+    def send_control(self, op: str, **fields: Any) -> None:
+        self.controls.append((op, fields))
+
+
+class _Notices:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def feed_notice(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def _on(loop: BackgroundLoop, function: Callable[..., Any], *args: Any) -> Any:
+    async def call() -> Any:
+        return function(*args)
+    return loop.run(call(), timeout=5)
+
+
+def test_input_the_gateway_did_not_write_is_sent_again_and_pipe_input_while_away_is_kept() -> None:
+    """TerminalLink alone (narrow: fake channels): what a resume sends again, and what it keeps."""
+    from commander_pam_plugin.launch_link import TerminalLink
+
+    loop = BackgroundLoop("link-test")
+    try:
+        link = TerminalLink(loop, interactive=False)
+        first, second = _FakeFlow(), _FakeFlow()
+        _on(loop, link.use, first, _FakePeer())
+        first.channel.arrive(protocol.control_message("session", id="sid-12345678", secret="s" * 43, grace=5))
+        link.send(b"abc")
+        _on(loop, lambda: None)
+        assert first.sent == [b"abc"]
+        first.channel.arrive(protocol.control_message("ack", input=1))  # the gateway wrote "a"
+        first.channel.arrive(b"xyz")
+        _on(loop, link.detach)
+        assert not link.writable()  # a pipe is not read while away ...
+        link.send(b"def")  # ... but what was read just before is kept
+        _on(loop, lambda: None)
+        woken: list[bool] = []
+        link.on_writable(lambda: woken.append(True))
+        handshake = _on(loop, link.offer_resume, second, _FakePeer())
+        _on(loop, link.hello, second)
+        hello = json.loads(second.channel.sent[0])
+        assert hello == {"op": "resume", "id": "sid-12345678", "secret": "s" * 43, "output": 3}
+        second.channel.arrive(protocol.control_message("resumed", input=2, eof=False, output=3))
+        assert handshake.result(5) == ("resumed", "")
+        assert second.sent == [b"cdef"] and woken == [True] and link.writable()
+        assert first.sent == [b"abc"]  # nothing more went to the lost channel
+    finally:
+        loop.stop()
+
+
+def test_typing_while_away_is_dropped_with_one_notice() -> None:
+    from commander_pam_plugin.launch_link import TYPED_WHILE_AWAY, TerminalLink
+
+    loop = BackgroundLoop("link-test")
+    try:
+        link = TerminalLink(loop, interactive=True)
+        flow = _FakeFlow()
+        _on(loop, link.use, flow, _FakePeer())
+        notices = _Notices()
+        link.runner = notices  # type: ignore[assignment]
+        _on(loop, link.detach)
+        assert link.writable()  # the terminal is still read, for ~.
+        link.send(b"rm -rf build\r")
+        link.send(b"y")
+        _on(loop, lambda: None)
+        assert link.input.end == 0 and flow.sent == [] and notices.lines == [TYPED_WHILE_AWAY]
+    finally:
+        loop.stop()
