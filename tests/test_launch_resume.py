@@ -364,3 +364,20 @@ def test_typing_while_away_is_dropped_with_one_notice() -> None:
         assert link.input.end == 0 and flow.sent == [] and notices.lines == [TYPED_WHILE_AWAY]
     finally:
         loop.stop()
+
+
+def test_the_output_log_reads_from_any_kept_offset_and_forgets_what_was_acknowledged() -> None:
+    from commander_pam_plugin.gateway.launch_sessions import STDERR, STDOUT, OutputLog
+
+    log = OutputLog()
+    log.append(STDOUT, b"hello ")
+    log.append(STDERR, b"oops\n")
+    log.append(STDOUT, b"world\n")
+    assert log.read(0, 64) == (STDOUT, b"hello ") and log.read(3, 2) == (STDOUT, b"lo")
+    assert log.read(8, 64) == (STDERR, b"ps\n") and log.read(17, 64) is None
+    log.trim(8)
+    assert (log.base, log.held) == (8, 9) and log.read(8, 64) == (STDERR, b"ps\n")
+    log.trim(4)  # never moves back
+    assert log.base == 8
+    log.trim(100)  # never past the end
+    assert (log.base, log.held, log.read(17, 64)) == (17, 0, None)

@@ -33,45 +33,40 @@ MAX_BAD_SECRETS = 5  # wrong secrets for one session before it refuses every fur
 
 
 class OutputLog:
-    """Remote output numbered from 0: what is kept is [base, end); trimmed as the client acknowledges."""
+    """Remote output numbered from 0: what is kept is [base, end); trimmed as the client acknowledges.
+
+    Chunks are kept as read (no copy, no merging): the common case, sending a chunk whole from
+    its start, hands the very same bytes object on."""
 
     def __init__(self) -> None:
-        self.base = 0
+        self.base = 0  # the first byte the client has not acknowledged
         self.end = 0
-        self._segments: deque[tuple[str, bytearray]] = deque()
+        self._chunks: deque[tuple[str, bytes]] = deque()
+        self._first = 0  # offset of the first kept chunk (<= base)
 
     @property
     def held(self) -> int:
         return self.end - self.base
 
     def append(self, stream: str, data: bytes) -> None:
-        if self._segments and self._segments[-1][0] == stream and len(self._segments[-1][1]) < READ_SIZE:
-            self._segments[-1][1].extend(data)
-        else:
-            self._segments.append((stream, bytearray(data)))
+        self._chunks.append((stream, data))
         self.end += len(data)
 
     def read(self, position: int, limit: int) -> tuple[str, bytes] | None:
         """Up to `limit` bytes of one stream from `position` (base <= position <= end); None at the end."""
-        offset = self.base
-        for stream, data in self._segments:
+        offset = self._first
+        for stream, data in self._chunks:
             if position < offset + len(data):
                 start = position - offset
-                return stream, bytes(data[start:start + limit])
+                return stream, (data if start == 0 and len(data) <= limit else data[start:start + limit])
             offset += len(data)
         return None
 
     def trim(self, acknowledged: int) -> None:
         """Forget output the client holds (acknowledged never moves back, never past end)."""
-        acknowledged = min(acknowledged, self.end)
-        while self._segments and acknowledged > self.base:
-            stream, data = self._segments[0]
-            drop = min(len(data), acknowledged - self.base)
-            if drop == len(data):
-                self._segments.popleft()
-            else:
-                del data[:drop]
-            self.base += drop
+        self.base = max(self.base, min(acknowledged, self.end))
+        while self._chunks and self._first + len(self._chunks[0][1]) <= self.base:
+            self._first += len(self._chunks.popleft()[1])
 
 
 class LaunchSession:
