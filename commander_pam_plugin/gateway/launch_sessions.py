@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import asyncssh
 
 from .config import Resource
-from .targets import READ_SIZE, ChannelClosed, ChannelPipe, SshTerminal, ssh_failure_reason
+from .targets import CHUNK, READ_SIZE, ChannelClosed, ChannelPipe, SshTerminal, ssh_failure_reason
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,9 @@ class LaunchSession:
         self._grown = asyncio.Event()  # output appended or the process finished
         self._caught_up = asyncio.Event()  # the attached sender has sent everything read so far
         self._caught_up.set()
+        # Output is first read once a channel is open (or the client is away): as before resume,
+        # asyncssh's window alone holds what the process writes before the client can take it.
+        self._started = asyncio.Event()
         self._grace: asyncio.TimerHandle | None = None
         self._readers: list[asyncio.Future[Any]] = []
         self._finished = False
@@ -111,6 +114,7 @@ class LaunchSession:
             self._finish()
             return
         process = self.ssh.process
+        await self._started.wait()
         readers = [self._read(STDOUT, process.stdout)]
         if self.ssh.split_stderr:
             readers.append(self._read(STDERR, process.stderr))
@@ -133,7 +137,8 @@ class LaunchSession:
                 return
             if self.ssh.recorder:
                 self.ssh.recorder.output(data)
-            self.output.append(stream, data)
+            for start in range(0, len(data), CHUNK):  # message-sized: the channel sends these very
+                self.output.append(stream, data[start:start + CHUNK])  # objects, kept output is no second copy
             if self.attached is not None:
                 self._caught_up.clear()
             self._grown.set()
@@ -158,6 +163,7 @@ class LaunchSession:
         except ChannelClosed:
             self.detach(conversation_id, "the terminal channel closed before it opened")
             return
+        self._started.set()
         if resumed:
             away = time.monotonic() - (self.detached_at or time.monotonic())
             self._event(f"resumed by conversation {conversation_id} after {away:.1f} s "
@@ -194,7 +200,7 @@ class LaunchSession:
     async def _send(self, pipe: ChannelPipe) -> bool:
         """Output from `self.sent` on; True once the end (exit or failure) went out too."""
         while True:
-            piece = self.output.read(self.sent, READ_SIZE)
+            piece = self.output.read(self.sent, CHUNK)
             if piece is not None:
                 stream, data = piece
                 if stream == STDERR:
@@ -258,6 +264,7 @@ class LaunchSession:
             return
         self.attached = None
         self._caught_up.set()
+        self._started.set()
         if not self.resumable:
             self.end(reason)
             return
