@@ -19,7 +19,7 @@ hookimpl = pluggy.HookimplMarker("commander")
 class SessionEvent:
     """A pam session changed state; `reason` says why it failed or closed, when known."""
 
-    kind: Literal["opened", "closed", "failed"]
+    kind: Literal["opened", "closed", "failed", "resumed"]  # resumed: pam launch came back after a network loss
     command: str
     resource: str
     session_id: str

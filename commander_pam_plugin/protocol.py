@@ -265,10 +265,18 @@ class SessionRequest:
     rows: int = 24
     command: str | None = None
     pty: bool = True
+    # Terminal resume (PROTOCOL.md section 7): ask for a session id and secret (resumable), or
+    # continue a held session (resume: its id). stderr: remote stderr marked apart (no PTY only).
+    # Sent only when set, so older gateways see the old request.
+    resumable: bool = False
+    resume: str | None = None
+    stderr: bool = False
 
     def to_json(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {key: value for key, value in (("resumable", self.resumable), ("resume", self.resume),
+                                                                ("stderr", self.stderr)) if value}
         return {"mode": self.mode, "term": self.term, "cols": self.cols, "rows": self.rows,
-                "command": self.command, "pty": self.pty}
+                "command": self.command, "pty": self.pty, **extra}
 
 
 def _size(value: Any, what: str) -> int:
@@ -295,8 +303,15 @@ def validate_session(value: Any) -> SessionRequest:
     pty = value.get("pty", True)
     if not isinstance(pty, bool):
         raise _bad("session.pty must be true or false")
+    flags = {key: value.get(key, False) for key in ("resumable", "stderr")}
+    if not all(isinstance(flag, bool) for flag in flags.values()):
+        raise _bad("session.resumable and session.stderr must be true or false")
+    resume = value.get("resume")
+    if resume is not None and (not isinstance(resume, str) or not _CONVERSATION_ID.fullmatch(resume)):
+        raise _bad("session.resume must be a session id (8-64 letters, digits, '_' or '-')")
     return SessionRequest(mode, term, _size(value.get("cols", 80), "session.cols"),
-                          _size(value.get("rows", 24), "session.rows"), command, pty)
+                          _size(value.get("rows", 24), "session.rows"), command, pty,
+                          resume=resume, **flags)
 
 
 @dataclass

@@ -128,6 +128,14 @@ class EscapeFilter:
         return out
 
 
+class _Stderr(bytes):
+    """Remote stderr (pipe mode and --command): written to the local stderr."""
+
+
+class _Notice(str):
+    """A line for the user that does not end the session (connection re-established, ...)."""
+
+
 class TerminalRunner:
     """Pumps bytes between the local terminal (or pipe) and a RemoteEnd until the session ends.
 
@@ -151,7 +159,7 @@ class TerminalRunner:
         self._escape_char = escape_char
         self._lock = threading.Lock()
         # Output (bytes), then at most one end: an exit status (int) or a failure reason (str).
-        self._events: deque[bytes | int | str] = deque()
+        self._events: deque[bytes | int | str] = deque()  # also _Stderr (bytes) and _Notice (str)
         self._finished = False
         self._winched = False
         self._last_output = b"\n"
@@ -174,6 +182,15 @@ class TerminalRunner:
         """Remote output, written to stdout in order (as is: a remote PTY already sends CRLF)."""
         if data:
             self._post(bytes(data))
+
+    def feed_stderr(self, data: bytes) -> None:
+        """Remote stderr, written to the local stderr in order with the output."""
+        if data:
+            self._post(_Stderr(data))
+
+    def feed_notice(self, text: str) -> None:
+        """One line on stderr (on a line of its own, in raw mode too); the session goes on."""
+        self._post(_Notice(text))
 
     def feed_exit(self, status: int) -> None:
         """The remote command ended; run() returns `status` once earlier output is written."""
@@ -243,7 +260,13 @@ class TerminalRunner:
         with self._lock:
             events, self._events = self._events, deque()
         for event in events:
-            if isinstance(event, bytes):
+            if isinstance(event, _Stderr):
+                self._write_stderr(event)
+                if self._delivered is not None:
+                    self._delivered(len(event))
+            elif isinstance(event, _Notice):
+                self._notice(str(event))
+            elif isinstance(event, bytes):
                 if not self._write_output(event):
                     return SIGPIPE_STATUS, None  # stdout closed: end quietly, like `ssh | head`
                 if self._delivered is not None:
@@ -291,6 +314,26 @@ class TerminalRunner:
             return False
         self._last_output = data[-1:]
         return True
+
+    def _write_stderr(self, data: bytes) -> None:
+        self._stderr.flush()
+        binary = getattr(self._stderr, "buffer", None)
+        try:
+            if binary is not None:
+                binary.write(data)
+                binary.flush()
+            else:
+                self._stderr.write(data.decode("utf-8", "replace"))
+                self._stderr.flush()
+        except (BrokenPipeError, ValueError):  # stderr closed: the output goes on without it
+            pass
+
+    def _notice(self, message: str) -> None:
+        """Like _say, while the terminal may be raw (CRLF) and the session goes on."""
+        lead = "\r\n" if os.isatty(self._stdout_fd) and self._last_output not in (b"\n", b"\r") else ""
+        self._stderr.write(f"{lead}{message}\r\n" if os.isatty(self._stdin_fd) else f"{message}\n")
+        self._stderr.flush()
+        self._last_output = b"\n"
 
     def _say(self, message: str) -> None:
         """One line on stderr, on a line of its own even if the remote left the cursor mid-line."""

@@ -95,4 +95,7 @@ def test_pam_launch_into_a_slow_reader_keeps_client_and_gateway_bounded(tmp_path
             gateway.stop()
     print(f"\npam launch into a 64 KiB/s reader: read {read / MIB:.1f} MiB of 200 MiB offered in 12 s; "
           f"client RSS growth peak {client_peak / MIB:.1f} MiB, gateway {gateway_peak / MIB:.1f} MiB")
-    assert client_peak < 8 * MIB and gateway_peak < 8 * MIB
+    # 200 MiB offered: unbounded buffering would grow by tens of MiB here. The gateway's figure is
+    # looser since resume (PROTOCOL.md section 7): it also keeps the output the client has not yet
+    # acknowledged, and its RSS peak varies from run to run by several MiB on a shared machine.
+    assert client_peak < 8 * MIB and gateway_peak < 16 * MIB

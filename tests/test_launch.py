@@ -135,7 +135,9 @@ def test_failures_are_one_clear_line_and_non_zero(gateway, tmp_path: Path, resou
 
 
 def test_lost_gateway_ends_the_session_with_one_line(ssh_server, tmp_path: Path) -> None:
-    gateway = GatewayProcess(make_config([ssh_resource(ssh_server, "box")]), tmp_path)
+    """With resume off for the resource (grace 0), a lost peer ends the session at once, as before
+    resume existed (test_launch_resume.py covers the held sessions)."""
+    gateway = GatewayProcess(make_config([ssh_resource(ssh_server, "box", resume_grace_s=0)]), tmp_path)
     try:
         env = _env(tmp_path, PAM_ROUTER_URL=gateway.router_url, PAM_TOKEN=gateway.user_token("alice"))
         child = _spawn(f"{SHELL} pam launch box", env)

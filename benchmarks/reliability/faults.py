@@ -33,7 +33,10 @@ def gateway_killed(runs: int, folder: Path) -> Row:
     launch_s: list[float] = []
     reasons: set[str] = set()
     with EchoServer() as echo, demo_ssh_server() as ssh:
-        config = make_config([echo_resource(echo), ssh_resource(ssh, "ssh")])
+        # Resume off (grace 0): this row is about the loss being reported at once. With resume on, a
+        # launch re-establishes until its gateway answers again, and a restarted one no longer has
+        # the session (held sessions live in the gateway process): tests/test_netlab_resume.py.
+        config = make_config([echo_resource(echo), ssh_resource(ssh, "ssh", resume_grace_s=0)])
         port = free_port()
         url, alice = f"http://127.0.0.1:{port}", token(config, "alice")
         env = client_env(url, alice, folder)

@@ -26,6 +26,8 @@ from ..protocol import candidate_from_wire
 from .candidate_policy import CandidatePolicy
 from .config import GatewaySettings, Resource
 from .governance import Governor, approval_wait_text
+from .hookspecs import Decision
+from .launch_sessions import LaunchSessions
 from .limits import ConnectionQuota, descriptor_limit
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,8 @@ class GatewayAgent:
         self.sessions: dict[str, AnswerSession] = {}
         self.governor = Governor(settings)  # policy hooks, approvals, limits, audit (governance.py)
         self._control: Any = None  # control.ControlServer while run() serves one
+        # pam launch sessions, held across a client's outage; each change is an audit line
+        self.launch_sessions = LaunchSessions(on_event=self._launch_event)
         self.descriptor_limit = descriptor_limit()
         self.limits = settings.limits.resolved(self.descriptor_limit)
         self.connections = ConnectionQuota(self.limits)  # shared by every session of this gateway
@@ -214,6 +218,7 @@ class GatewayAgent:
                              return_exceptions=True)
         if self._control is not None:
             await self._control.close()
+        self.launch_sessions.end_all("gateway shutting down")  # the held ones too
         if self._ws is not None:
             await self._ws.close()
         for task in list(self._tasks):
@@ -288,6 +293,10 @@ class GatewayAgent:
             # The client may not know the kind before its offer (it addressed the offer by resource).
             raise ProtocolError(400, f"{resource.name} is a {resource.kind} resource; pam launch opens ssh "
                                      f"resources (use: pam tunnel start {resource.name})")
+        if offer.session.resume is not None:  # the same user, the same resource, still held (PROTOCOL.md 7)
+            refusal = self.launch_sessions.offer_refusal(offer.session.resume, user, resource.name)
+            if refusal is not None:
+                raise ProtocolError(refusal[0], refusal[1], "not_found" if refusal[0] == 404 else "gone")
         cid = action.conversation_id
         if cid in self.sessions:
             raise ProtocolError(409, f"conversation {cid} already has an offer", "conflict")
@@ -297,6 +306,9 @@ class GatewayAgent:
         request = self.governor.access_request(user, resource, cid, offer.session.mode, action.data)
         # the decision point: nothing reaches the target before it (a held answer needs trickle)
         decision = self.governor.decide(request, can_hold=action.trickle_ice and CAP_TRICKLE in self.capabilities)
+        resuming = self.launch_sessions.get(offer.session.resume) if offer.session.resume is not None else None
+        if resuming is not None and decision.verdict == "hold":
+            decision = Decision.allow()  # approved when it opened: a resume goes on with that session
         if decision.verdict == "deny":
             raise ProtocolError(403, f"access to {resource.name} denied: {decision.reason}", "forbidden")
         if decision.verdict == "hold":
@@ -308,7 +320,17 @@ class GatewayAgent:
             return ({"held": True, "request": pending.id, "approvers": list(pending.approvers),
                      "waiting_for": approval_wait_text(pending)},
                     self._after_approval(action, user, offer, resource, request, pending))
-        return await self._start_session(action, user, offer, resource, request)
+        return await self._start_session(action, user, offer, resource, request,
+                                         started=resuming.opened_at if resuming is not None else None)
+
+    def _launch_event(self, launch: Any, kind: str, text: str) -> None:
+        """A launch session held, resumed, expired or ended while away: its audit line."""
+        if kind == "resumed" and launch.attached is not None:
+            self.governor.record_resume(launch.attached, detail=text)
+        elif kind in ("held", "expired") or (kind == "ended" and launch.attached is None):
+            self.governor.record("end" if kind == "ended" else kind, user=launch.user,
+                                 resource=launch.resource.name, conversation=launch.last_conversation,
+                                 detail=text)
 
     async def _after_approval(self, action: Action, user: str, offer: Any, resource: Resource,
                               request: Any, pending: Any) -> None:
@@ -330,7 +352,7 @@ class GatewayAgent:
             self.emit(cid, {"type": "answer", "sdp": data["sdp"]})
 
     async def _start_session(self, action: Action, user: str, offer: Any, resource: Resource,
-                             request: Any) -> tuple[dict[str, Any], Any]:
+                             request: Any, started: float | None = None) -> tuple[dict[str, Any], Any]:
         """An allowed (or approved) offer becomes an AnswerSession."""
         cid = action.conversation_id
         if cid in self.sessions:
@@ -339,10 +361,11 @@ class GatewayAgent:
         session = AnswerSession(cid, user, target, offer.session, self.settings,
                                 lambda event: self.emit(cid, event), self._session_ended,
                                 limits=self.limits, connections=self.connections, router_url=self.router_url,
-                                client_window=_session_window(action.data))
+                                client_window=_session_window(action.data),
+                                launch_sessions=self.launch_sessions)
         self.sessions[cid] = session
         session.stream_policy = lambda other: self._stream_refusal(session, other)
-        self.governor.opened(session, request)
+        self.governor.opened(session, request, started=started)
         log.info("conversation %s (%s, %s) opened: %s", cid, user, resource.name, offer.session.mode)
         self.applied_candidates[cid] = session.remote_candidates
         while len(self.applied_candidates) > CANDIDATE_HISTORY:

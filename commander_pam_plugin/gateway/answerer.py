@@ -23,7 +23,8 @@ from .candidate_policy import CandidatePolicy
 from .config import GatewaySettings, Resource
 from .limits import ConnectionQuota, GatewayLimits, RateBucket
 from .recording import AsciicastRecorder
-from .targets import ChannelPipe, SshTerminal, TcpStream
+from .launch_sessions import ATTACHED_ELSEWHERE, LaunchSession, LaunchSessions
+from .targets import ChannelClosed, ChannelPipe, SshTerminal, TcpStream
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ Event = dict[str, Any]
 MAX_REMOTE_CANDIDATES = 256
 REFUSAL_NOTICE_S = 1.0  # at most one "over the rate" notice per session this often
 ENDING_ACK_S = 2.0  # end(): how long the client may take to acknowledge the reason before the close
+PEER_LOST = "peer connection lost"
+RESUME_HELLO_TIMEOUT_S = 10.0  # a resumed terminal channel must name its session this soon
 
 
 class AnswerSession:
@@ -42,7 +45,7 @@ class AnswerSession:
                  settings: GatewaySettings, emit: Callable[[Event], None],
                  on_end: Callable[[AnswerSession], None], *, limits: GatewayLimits | None = None,
                  connections: ConnectionQuota | None = None, router_url: str | None = None,
-                 client_window: int | None = None) -> None:
+                 client_window: int | None = None, launch_sessions: LaunchSessions | None = None) -> None:
         self.conversation_id, self.user, self.resource, self.request = conversation_id, user, resource, request
         self.settings = settings
         self.limits = limits or settings.limits.resolved()
@@ -77,6 +80,8 @@ class AnswerSession:
         self._ice_timer: asyncio.TimerHandle | None = None
         self.streams: dict[int, TcpStream] = {}
         self.ssh: SshTerminal | None = None
+        self.launch_sessions = launch_sessions if launch_sessions is not None else LaunchSessions()
+        self.launch: LaunchSession | None = None  # a launch that may outlive this conversation (resume)
         recorder = self._recorder()  # first: a session that must be recorded never runs unrecorded
         self.pc = rtc.new_peer_connection(rtc.ice_servers_from_config(settings.ice_servers),
                                           settings.ice_transport_policy)
@@ -92,8 +97,8 @@ class AnswerSession:
         task.add_done_callback(self._tasks.discard)
 
     def _recorder(self) -> AsciicastRecorder | None:
-        if not (self.resource.record and self.request.mode == "terminal"):
-            return None
+        if not (self.resource.record and self.request.mode == "terminal") or self.request.resume:
+            return None  # a resumed session goes on in the recording it began
         try:
             return AsciicastRecorder.create(self.settings.recordings_dir, self.resource.name, self.conversation_id,
                                             self.request.cols, self.request.rows, self.request.term)
@@ -106,9 +111,41 @@ class AnswerSession:
     def _start_terminal(self, recorder: AsciicastRecorder | None) -> None:
         """Channel 1 and the SSH connect, both before the offer is applied."""
         channel = self.pc.createDataChannel("terminal", negotiated=True, id=TERMINAL_CHANNEL_ID)
+        pipe = self._pipe(channel, self._client_window, announce=True)
+        if self.request.resume:
+            self._spawn(self._resume_terminal(pipe, self.request.resume))
+            return
         self.ssh = SshTerminal(self.resource, self.request, recorder, self.settings.redact)
         self.ssh.start()
-        self._spawn(self.ssh.run(self._pipe(channel, self._client_window, announce=True)))
+        if self.request.resumable or self.request.stderr:  # a current client: numbered, resumable output
+            self.launch = self.launch_sessions.open(self.conversation_id, self.user, self.resource, self.ssh,
+                                                    self.request.resumable)
+            self._spawn(self.launch.attach(pipe, self.conversation_id, 0))
+        else:
+            self._spawn(self.ssh.run(pipe))
+
+    async def _resume_terminal(self, pipe: ChannelPipe, session_id: str) -> None:
+        """A resume: the secret comes first on the new terminal channel (DTLS, never the router)."""
+        try:
+            await pipe.wait_open()
+            hello = await asyncio.wait_for(pipe.receive(), RESUME_HELLO_TIMEOUT_S)
+        except (ChannelClosed, asyncio.TimeoutError):
+            pipe.fail("no resume request on the terminal channel")
+            return
+        if not isinstance(hello, dict) or hello.get("op") != "resume" or hello.get("id") != session_id:
+            pipe.fail("the first message of a resumed terminal must be its resume request")
+            return
+        launch, refusal = self.launch_sessions.claim(session_id, self.user, hello.get("secret"),
+                                                     hello.get("output"))
+        if launch is None:
+            log.warning("conversation %s (%s, %s): resume of %s refused: %s", self.conversation_id, self.user,
+                        self.resource.name, session_id, refusal)
+            # A client whose old peer the gateway still thinks live tries again (retry); other refusals are final.
+            pipe.control("error", reason=f"resume refused: {refusal}", retry=refusal == ATTACHED_ELSEWHERE)
+            pipe.close()
+            return
+        self.launch, self.ssh = launch, launch.ssh
+        await launch.attach(pipe, self.conversation_id, hello["output"], resumed=True)
 
     def _pipe(self, channel: RTCDataChannel, send_limit: int | None, announce: bool = False) -> ChannelPipe:
         """A stream with this gateway's window, bounds and the session's buffer budget."""
@@ -212,7 +249,7 @@ class AnswerSession:
             self._cancel_ice_timer()
             self._emit({"type": "state", "state": "connected", "reason": ""})
         elif state in ("failed", "closed") and not self._closing:
-            self._spawn(self.close("peer connection lost", "failed" if state == "failed" else "closed"))
+            self._spawn(self.close(PEER_LOST, "failed" if state == "failed" else "closed"))
 
     def _ice_timed_out(self) -> None:
         if self.pc.connectionState != "connected":
@@ -231,7 +268,9 @@ class AnswerSession:
         self._cancel_ice_timer()
         if self._resize_timer is not None:
             self._resize_timer.cancel()
-        if self.ssh is not None:
+        if self.launch is not None:  # a lost peer leaves it held; any other close ends it
+            self.launch.released(self.conversation_id, reason, peer_lost=reason == PEER_LOST)
+        elif self.ssh is not None:
             self.ssh.close()
         current = asyncio.current_task()
         pending = [t for t in self._tasks if t is not current]

@@ -16,7 +16,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-KINDS = ("decision", "approval", "open", "resume", "end", "terminate")
+KINDS = ("decision", "approval", "open", "held", "resume", "expired", "end", "terminate")
 FIELDS = ("gateway", "conversation", "request", "user", "resource", "mode", "reason", "ticket", "verdict",
           "approvers", "approver", "by", "status", "detail", "bytes", "duration_s")
 MAX_TEXT = 300

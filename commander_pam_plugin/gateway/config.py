@@ -80,6 +80,10 @@ class Resource:
     known_hosts: str | None = None
     insecure_skip_host_key_check: bool = False
     access: AccessRules = field(default_factory=AccessRules)  # [resources.access], policy.py
+    # pam launch resume (docs/PROTOCOL.md section 7): how long a lost client's SSH session is held,
+    # and how much output it may produce meanwhile before the session ends; grace 0 turns it off.
+    resume_grace_s: float = 120.0
+    resume_buffer_bytes: int = 1024 * 1024
 
     def allows(self, user: str) -> bool:
         return self.users is None or user in self.users
@@ -370,9 +374,20 @@ def _private_key(reader: _Reader) -> str | None:
     return text
 
 
+def _resume_settings(reader: _Reader) -> dict[str, Any]:
+    grace = reader.get("resume_grace_s", (int, float), 120.0)
+    if isinstance(grace, bool) or not 0 <= grace <= 86400:
+        raise reader.error("resume_grace_s", "must be a number of seconds from 0 to 86400")
+    bound = reader.get("resume_buffer_bytes", int, 1024 * 1024)
+    if not 1024 <= bound <= 64 * 1024 * 1024:
+        raise reader.error("resume_buffer_bytes", "must be from 1024 to 67108864 bytes")
+    return {"resume_grace_s": float(grace), "resume_buffer_bytes": bound}
+
+
 def _resource(reader: _Reader) -> Resource:
     reader.reject_unknown({"name", "kind", "host", "port", "username", "password", "private_key", "users",
-                           "record", "known_hosts", "insecure_skip_host_key_check", "access"})
+                           "record", "known_hosts", "insecure_skip_host_key_check", "access", "resume_grace_s",
+                           "resume_buffer_bytes"})
     name = reader.name("name")
     kind = reader.get("kind", str, required=True)
     if kind not in RESOURCE_KINDS:
@@ -394,7 +409,8 @@ def _resource(reader: _Reader) -> Resource:
                         record=reader.get("record", bool, False),
                         known_hosts=str(reader.path("known_hosts")) if "known_hosts" in reader.table else None,
                         insecure_skip_host_key_check=reader.get("insecure_skip_host_key_check", bool, False),
-                        access=access_from_table(reader.table_at("access")))
+                        access=access_from_table(reader.table_at("access")),
+                        **_resume_settings(reader))
     if kind == "ssh":
         if not resource.username:
             raise reader.error("username", "is required for an ssh resource")

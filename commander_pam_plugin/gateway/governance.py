@@ -205,19 +205,26 @@ class Governor:
 
     # --- live sessions ---------------------------------------------------------------------
 
-    def opened(self, session: Any, request: AccessRequest) -> None:
-        """The offer became a session: register it, write the open line, arm its limits."""
+    def opened(self, session: Any, request: AccessRequest, started: float | None = None) -> None:
+        """The offer became a session: register it, write the open line, arm its limits.
+
+        `started` (monotonic) is when a resumed launch session first opened: its maximum duration
+        counts from then, so dropping the network never buys a user more time."""
         live = LiveSession(session, request)
+        if started is not None:
+            live.since -= time.monotonic() - started
+            live.started = started
+        elapsed = time.monotonic() - live.started
         self.live[request.conversation_id] = live
         self.record("open", request)
         rules = request.resource.access
         loop = asyncio.get_running_loop()
         if rules.max_duration_s is not None:
-            warn_at = rules.max_duration_s - rules.warn_before_s
+            warn_at = rules.max_duration_s - rules.warn_before_s - elapsed
             if warn_at > 0:
                 live.timers.append(loop.call_later(warn_at, self._warn, live, rules.warn_before_s,
                                                    f"maximum duration of {rules.max_duration_s:g} s"))
-            live.timers.append(loop.call_later(rules.max_duration_s, self._limit, live,
+            live.timers.append(loop.call_later(max(0.0, rules.max_duration_s - elapsed), self._limit, live,
                                                f"maximum duration of {rules.max_duration_s:g} s reached"))
         if rules.idle_timeout_s is not None:
             live.timers.append(loop.call_later(rules.idle_timeout_s / IDLE_CHECKS_PER_TIMEOUT, self._idle_check, live))

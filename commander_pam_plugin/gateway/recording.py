@@ -50,6 +50,10 @@ class AsciicastRecorder:
     def resize(self, cols: int, rows: int) -> None:
         self._write([self._elapsed(), "r", f"{cols}x{rows}"])
 
+    def marker(self, label: str) -> None:
+        """An asciicast 'm' (marker) event: what happened to the session itself (held, resumed, expired)."""
+        self._write([self._elapsed(), "m", label])
+
     def close(self) -> None:
         if self._file is None:
             return

@@ -312,9 +312,25 @@ class SshTerminal:
         self._process: asyncssh.SSHClientProcess | None = None
         self._ready: asyncio.Future[None] | None = None
         self._size = (request.cols, request.rows)
+        # Remote stderr on its own (marked on the terminal channel) for a client that asked, without
+        # a PTY (a PTY has one output stream); else merged into stdout, as older clients expect.
+        self.split_stderr = bool(getattr(request, "stderr", False)) and not request.pty
 
     def start(self) -> None:
         self._ready = asyncio.ensure_future(self._open())
+
+    async def wait_ready(self) -> None:
+        """Until the process runs; raises what the connect or the process start raised."""
+        assert self._ready is not None, "start() first"
+        await asyncio.shield(self._ready)
+
+    @property
+    def process(self) -> asyncssh.SSHClientProcess:
+        assert self._process is not None, "wait_ready() first"
+        return self._process
+
+    def redact(self, text: str) -> str:
+        return self._redact(text)
 
     def _auth_options(self) -> dict[str, Any]:
         r = self.resource
@@ -334,7 +350,8 @@ class SshTerminal:
         request = self.request
         pty = dict(term_type=request.term, term_size=self._size) if request.pty else dict(request_pty=False)
         self._process = await self._connection.create_process(
-            request.command, encoding=None, stderr=asyncssh.STDOUT, window=SSH_WINDOW, **pty)
+            request.command, encoding=None, stderr=asyncssh.PIPE if self.split_stderr else asyncssh.STDOUT,
+            window=SSH_WINDOW, **pty)
         if request.pty and self._size != (request.cols, request.rows):
             self._process.change_terminal_size(*self._size)
 

@@ -28,8 +28,9 @@ class LabStack:
     def __init__(self, workdir: Path, *, client_nat: str = "cone", gateway_nat: str = "cone",
                  gateway_ice: Sequence[str] = (), gateway_policy: str = "all", gateway_ice_timeout: float = 8.0,
                  with_turn: bool = True, delay_udp_ms: float | None = None, delay_tcp_ms: float = 0.0,
-                 ssh_target: bool = False) -> None:
-        """ssh_target: also a demo SSH server in the gateway's namespace, served as resource 'ssh'."""
+                 ssh_target: bool = False, ssh_variants: Sequence[dict[str, Any]] = ()) -> None:
+        """ssh_target: also a demo SSH server in the gateway's namespace, served as resource 'ssh'
+        (and once more per ssh_variants entry: its name and resource settings, e.g. resume_grace_s)."""
         from gateway_support import EchoServer, make_config, ssh_resource
 
         self.workdir = workdir
@@ -53,6 +54,7 @@ class LabStack:
                 self._ssh_loop = self._loop("gw")
                 self.ssh = self._ssh_loop.run(DemoSSHServer().start())
                 resources.append(ssh_resource(self.ssh))
+                resources.extend(ssh_resource(self.ssh, **variant) for variant in ssh_variants)
             data = make_config(resources,
                                router={"tls_cert": str(server.cert), "tls_key": str(server.key)},
                                host_addresses=[GATEWAY_IP], ice_servers=[self.ice(s) for s in gateway_ice],
