@@ -295,7 +295,11 @@ class Resumer:
         assert runner is not None
         self.runtime.loop.run(_on_loop(link.detach), timeout=5)
         grant = link.grant
-        if grant is None or grant.grace_s <= 0:  # an older gateway, or resume off for this resource
+        with self._lock:
+            ended_by_gateway = self.session.peer.ended_by_gateway
+        # an older gateway, resume off for this resource, or an end the gateway decided (a limit,
+        # `pam-gateway terminate`): final, never resumed
+        if grant is None or grant.grace_s <= 0 or ended_by_gateway:
             runner.feed_error(f"connection to the gateway lost: {reason}")
             return False
         lost_at = time.monotonic()

@@ -33,8 +33,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     with demo_ssh_server() as server:
         resources = [ssh_resource(server, "box", record=True),
                      ssh_resource(server, "brief", resume_grace_s=1, record=True),
-                     ssh_resource(server, "small", resume_buffer_bytes=1024, record=True)]
-        with EmbeddedGateway(make_config(resources, recordings_dir=str(recordings))) as gateway:
+                     ssh_resource(server, "small", resume_buffer_bytes=1024, record=True),
+                     ssh_resource(server, "limited", access={"max_duration_s": 600})]
+        audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+        with EmbeddedGateway(make_config(resources, recordings_dir=str(recordings),
+                                         audit_log=str(audit))) as gateway:
             loop = BackgroundLoop("resume-test")
             try:
                 yield gateway, loop, recordings
@@ -180,6 +183,38 @@ def test_only_the_same_user_with_the_secret_resumes_and_one_client_at_a_time(sta
     _wait_until(lambda: gateway.agent.launch_sessions.get(grant["id"]) is None, "the session to end")
     markers = _markers(recordings, first.session.conversation_id)
     assert [m.split(":")[0] for m in markers] == ["held", "resumed", "ended"], markers
+
+
+def test_a_resumed_session_keeps_the_clock_of_its_limits_and_leaves_its_audit_lines(stack) -> None:
+    """Dropping the network must not buy a longer maximum duration; the trail tells the whole story."""
+    gateway, _, _ = stack
+    governor = gateway.agent.governor
+    first = RawTerminal(stack, "alice", "limited", _resumable("cat"))
+    grant = first.op("session")
+    first_id = first.session.conversation_id
+    opened_since = next(s["since"] for s in governor.listing() if s["id"] == first_id)
+    first.send(b"one\n")
+    first.wait_output(b"one\n")
+    time.sleep(1.0)  # the resumed session must not start its limits clock again after this
+    first.lose()
+    attempt_deadline = time.monotonic() + WAIT
+    while True:
+        second = _resume(stack, "alice", "limited", grant, output=len(first.output()))
+        if second.op(_answered(second))["op"] == "resumed":
+            break
+        second.close()
+        assert time.monotonic() < attempt_deadline
+        time.sleep(0.1)  # the client's backoff between refused attempts
+    second_id = second.session.conversation_id
+    resumed_since = next(s["since"] for s in governor.listing() if s["id"] == second_id)
+    assert abs(resumed_since - opened_since) < 0.5, (opened_since, resumed_since)
+    second.close()
+    _wait_until(lambda: gateway.agent.launch_sessions.get(grant["id"]) is None, "the session to end")
+    lines = [json.loads(line) for line in governor.audit.path.read_text().splitlines()]
+    mine = [(entry["kind"], entry.get("conversation")) for entry in lines
+            if entry.get("resource") == "limited" and entry["kind"] != "decision"]
+    assert mine == [("open", first_id), ("held", first_id), ("end", first_id), ("open", second_id),
+                    ("resume", second_id), ("end", second_id)], mine
 
 
 def test_output_while_away_is_replayed_from_the_clients_offset(stack) -> None:
