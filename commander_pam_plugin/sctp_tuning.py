@@ -25,6 +25,7 @@ are built. The choice is made per transport, so a benchmark can run both side by
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hashlib
 import inspect
@@ -75,6 +76,10 @@ _KNOWN_SOURCES = {
         "RTCDtlsTransport._write_ssl": "6573c0237063bdf0df41ede543428ea6e669020e86b93e8484bbac9c9730a54a",
         "Connection.sendto": "bf162ec03bdce2cc2b9602cd47a03aa70b15b45383da4d0618090e65179f7e85",
         "StunProtocol.send_data": "8bfbce074a897482d13dba6bf49ff6f09e48f84327143b801a3a12d2e43de358",
+        # the record handed over from the socket callback (DirectQueue)
+        "Connection.data_received": "5631b17fab717d6b9a956b775d6f5580a50c2419dc6ef693286a98355e98a253",
+        "Connection.recvfrom": "676acc01e4a9a9da04d94d86092a81ba17f1ef77bed0322c8302e3436310e863",
+        "RTCDtlsTransport._RTCDtlsTransport__run": "24d63d929a104e16e20d0196590ee21cc41f9d569b134d2779b1d62d876e6815",
     },
 }
 _OWNERS = {"RTCSctpTransport": sctp_module.RTCSctpTransport, "InboundStream": sctp_module.InboundStream,
@@ -376,13 +381,122 @@ _BIO_MEM_DATA = getattr(SSL._lib, "BIO_get_mem_data", None)
 _MEM_DATA_POINTER = SSL._ffi.new("char **")  # out-parameter, written by any caller, never read
 
 
+class DirectQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """aioice's queue of received datagrams, which first offers each datagram to `consumer`.
+
+    Stock, a datagram goes from the socket callback onto this queue and the DTLS transport's
+    receive task takes it on a later loop iteration: one hop per datagram. While that task is
+    idle and nothing is queued, the consumer handles the record in the socket callback itself;
+    anything else (the end-of-connection None, a busy or not yet connected transport) is queued
+    as stock, so the order of records never changes."""
+
+    consumer: Any = None  # callable((data, component)) -> bool: True when it took the datagram
+
+    def put_nowait(self, item: Any) -> None:
+        consumer = self.consumer
+        if consumer is not None and item is not None and self.empty() and consumer(item):
+            return
+        super().put_nowait(item)
+
+
 class TunedDtlsTransport(RTCDtlsTransport):
-    """RTCDtlsTransport that sends records straight to the nominated pair and skips empty reads."""
+    """RTCDtlsTransport that sends records straight to the nominated pair, skips empty reads and
+    handles a received record in the socket callback when its receive task is idle."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         if not (enabled() and supported("dtls")):
             return _build_stock(RTCDtlsTransport, args, kwargs)
         return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pam_idle = False  # the receive task waits on an empty queue
+        self._pam_backlog: collections.deque[bytes] | None = None  # records behind a suspended one
+        self.pam_direct_records = 0  # for tests and benchmarks
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def _recv_next(self) -> None:
+        """Stock until the handshake is done; then the same receive, with the queue handed to
+        the socket callback (`_pam_direct`) while this task waits on it."""
+        if not self._RTCDtlsTransport__handshake_done or self._state != State.CONNECTED:
+            return await super()._recv_next()
+        connection = self.transport._connection
+        queue = connection._queue
+        if type(queue) is asyncio.Queue and queue.empty():  # noqa: E721 - exactly stock's queue
+            queue = connection._queue = DirectQueue()
+        if isinstance(queue, DirectQueue):
+            queue.consumer = self._pam_direct
+        self._pam_idle = True
+        try:
+            data = await self.transport._recv()
+        finally:
+            self._pam_idle = False
+        await self._pam_handle_datagram(data)
+
+    async def _pam_handle_datagram(self, data: bytes) -> None:
+        """Stock _recv_next's handling of one datagram once the handshake is done."""
+        self._RTCDtlsTransport__rx_bytes += len(data)
+        self._RTCDtlsTransport__rx_packets += 1
+        first_byte = data[0]
+        if 19 < first_byte < 64:
+            self._ssl.bio_write(data)
+            try:
+                record: bytes | None = self._ssl.recv(1500)
+            except SSL.ZeroReturnError:
+                record = None
+            except SSL.Error:
+                record = b""
+            await self._write_ssl()
+            if record is None:
+                raise ConnectionError  # the remote shut DTLS down: the receive task ends, as stock
+            if record and self._data_receiver:
+                await self._data_receiver._handle_data(record)
+        elif 127 < first_byte < 192 and self._rx_srtp:  # SRTP / SRTCP (media): stock's code
+            arrival_time_ms = dtls_module.clock.current_ms()
+            try:
+                if dtls_module.is_rtcp(data):
+                    await self._handle_rtcp_data(self._rx_srtp.unprotect_rtcp(data))
+                else:
+                    await self._handle_rtp_data(self._rx_srtp.unprotect(data), arrival_time_ms=arrival_time_ms)
+            except dtls_module.pylibsrtp.Error:
+                pass
+
+    def _pam_direct(self, item: tuple[bytes, int]) -> bool:
+        """The socket callback's offer of one datagram: take a DTLS record while the receive task idles."""
+        data = item[0]
+        if self._pam_backlog is not None:  # a record before this one is still being handled
+            self._pam_backlog.append(data)
+            return True
+        if not (self._pam_idle and data and 19 < data[0] < 64 and self._state == State.CONNECTED):
+            return False
+        self.pam_direct_records += 1
+        self._pam_backlog = collections.deque()
+        run_now(self._pam_direct_records_from(data))
+        return True
+
+    async def _pam_direct_records_from(self, data: bytes) -> None:
+        """Handle `data`, then whatever arrived while it was suspended, in order; a failure ends
+        the receive task as stock's would (the end-of-connection marker goes on the queue)."""
+        backlog = self._pam_backlog
+        assert backlog is not None
+        try:
+            while True:
+                await self._pam_handle_datagram(data)
+                if not backlog:
+                    break
+                data = backlog.popleft()
+        except ConnectionError:
+            self._pam_end_receiving()
+        except Exception:
+            logger.warning("DTLS record handling failed", exc_info=True)
+            self._pam_end_receiving()
+        finally:
+            self._pam_backlog = None
+
+    def _pam_end_receiving(self) -> None:
+        queue = self.transport._connection._queue
+        asyncio.Queue.put_nowait(queue, None)  # recvfrom raises ConnectionError in the receive task
 
     def _pam_ssl_output_pending(self) -> bool:
         """Whether OpenSSL left bytes to send (reading an empty buffer raises, once per datagram)."""
@@ -421,6 +535,12 @@ class TunedDtlsTransport(RTCDtlsTransport):
             raise ConnectionError("Cannot send encrypted data, not connected")
         self._ssl.send(data)
         await self._write_ssl()
+
+
+def is_tuned(channel: Any) -> bool:
+    """Whether a data channel runs on a tuned transport: the pumps' direct paths follow the same
+    switch, so PAM_SCTP_TUNING=0 also gives the old task-per-hop pumps."""
+    return isinstance(getattr(channel, "transport", None), TunedSctpTransport)
 
 
 def install() -> None:

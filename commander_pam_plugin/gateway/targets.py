@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 import asyncssh
 from aiortc import RTCDataChannel
 
+from .. import direct_stream, sctp_tuning
 from ..flow import CREDIT_OP, reset_connection, DEFAULT_WINDOW, BufferBudget, ReceiveWindow, SendCredit, credit_message, parse_credit
 from ..loop import half_close
 from ..protocol import ProtocolError, SessionRequest, control_message, parse_control_message
@@ -46,6 +47,11 @@ class ChannelPipe:
     this stream's window and bound (and the session's budget), and credit goes back to the
     client as the target takes them (`delivered`). Credit messages are handled here, at
     arrival, so a target that does not read never delays credit for the other direction.
+
+    `sink` (set by the owner, on a tuned peer only) may take a received payload in the channel's
+    callback while nothing is queued before it: it returns True once it wrote the payload, and
+    then calls `delivered` itself or `written_pending(size)` to have the reader drain first.
+    `send_now` is the other direction's shortcut (see direct_stream).
     """
 
     def __init__(self, channel: RTCDataChannel, *, send_limit: int | None = None,
@@ -58,7 +64,10 @@ class ChannelPipe:
         # Credit goes only to a client that announced a window: an older one sees the old protocol.
         self._grants = send_limit is not None
         self._announce = announce  # terminal: no open/opened, so the first window goes in-band
-        self._inbox: asyncio.Queue[bytes | dict[str, Any] | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue[bytes | int | dict[str, Any] | None] = asyncio.Queue()
+        self.direct = sctp_tuning.is_tuned(channel)
+        self.sink: Callable[[bytes], bool] | None = None
+        self._sending = False  # send() holds bytes it has not sent yet: send_now must not overtake
         self._drained = asyncio.Event()
         self._opened = asyncio.Event()
         self.closed = asyncio.Event()
@@ -83,6 +92,8 @@ class ChannelPipe:
             if reason is not None:
                 log.warning("stream %s cut: %s", self.channel.id, reason)
                 self.fail(reason)
+                return
+            if self.sink is not None and self._inbox.empty() and self.sink(message):
                 return
             self._inbox.put_nowait(message)
             return
@@ -116,8 +127,14 @@ class ChannelPipe:
         if not self.is_open:
             raise ChannelClosed()
 
-    async def receive(self) -> bytes | dict[str, Any]:
+    def written_pending(self, size: int) -> None:
+        """The sink wrote `size` bytes that still sit in the target's buffer: receive() returns
+        `size` (an int) in order, for the reader to drain and then call delivered(size)."""
+        self._inbox.put_nowait(size)
+
+    async def receive(self) -> bytes | int | dict[str, Any]:
         """Next payload (bytes) or in-band control message (dict); ChannelClosed when gone.
+        An int only with a sink (written_pending).
 
         Call `delivered(len(payload))` once the payload is out of this process."""
         item = await self._inbox.get()
@@ -132,8 +149,27 @@ class ChannelPipe:
         if limit is not None and self._grants and self.is_open:
             self.channel.send(credit_message(limit))
 
+    def send_now(self, data: bytes) -> bool:
+        """Send all of `data` now if credit and buffer room allow and send() holds nothing; else False."""
+        if self._sending or not self.is_open or self.channel.bufferedAmount > FLOW_HIGH:
+            return False
+        allowance = self.credit.allowance
+        if allowance is not None and allowance < len(data):
+            return False
+        for position in range(0, len(data), CHUNK):
+            self.channel.send(data[position:position + CHUNK])
+        self.credit.spend(len(data))
+        return True
+
     async def send(self, data: bytes) -> None:
         """Send in chunks within the client's credit, then wait while over the high-water mark."""
+        self._sending = True
+        try:
+            await self._send(data)
+        finally:
+            self._sending = False
+
+    async def _send(self, data: bytes) -> None:
         position = 0
         while position < len(data):
             allowance = await self.credit.wait()
@@ -198,12 +234,15 @@ class TcpStream:
     def __init__(self, pipe: ChannelPipe, host: str, port: int) -> None:
         self.pipe, self.host, self.port = pipe, host, port
         self._writer: asyncio.StreamWriter | None = None
-        self._reader: asyncio.StreamReader | None = None
+        self._reader: direct_stream.DirectReader | None = None
 
     async def connect(self) -> None:
         """Raise OSError/TimeoutError if the target does not accept within the timeout."""
         self._reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port), TCP_CONNECT_TIMEOUT_S)
+            direct_stream.open_connection(self.host, self.port), TCP_CONNECT_TIMEOUT_S)
+        if self.pipe.direct:  # a tuned peer: bytes skip this stream's tasks where nothing waits
+            self._reader.sink = self.pipe.send_now
+            self.pipe.sink = self._write_now
 
     async def run(self) -> None:
         """Pump both ways until both sides are done, the client goes away, or an error.
@@ -226,11 +265,27 @@ class TcpStream:
             self.pipe.close()
             self._close_socket(reset=not normal)
 
+    def _write_now(self, data: bytes) -> bool:
+        """The pipe's sink: write a payload to the target in the channel's callback."""
+        if self._writer is None:
+            return False
+        pending = direct_stream.write_now(self._writer, data)
+        if pending is None:
+            return False
+        if pending == 0:
+            self.pipe.delivered(len(data))
+        else:
+            self.pipe.written_pending(len(data))
+        return True
+
     async def _to_target(self) -> None:
         assert self._writer is not None
         while True:
             item = await self.pipe.receive()
-            if isinstance(item, bytes):
+            if isinstance(item, int):  # written by _write_now; credit once it drained
+                await self._drain()
+                self.pipe.delivered(item)
+            elif isinstance(item, bytes):
                 self._writer.write(item)
                 await self._drain()
                 self.pipe.delivered(len(item))
