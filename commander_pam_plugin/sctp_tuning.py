@@ -62,6 +62,9 @@ _KNOWN_SOURCES = {
         "RTCSctpTransport._transmit": "aa8941d5f8f020e8b4e438e02084533dd78399da498638a013025252e5fe8115",
         "RTCSctpTransport._receive_sack_chunk": "4b35ccf1372cdec8705f378a04de43d9c4ad5675afae09781eddd69ecdb473b1",
         "RTCSctpTransport._t3_expired": "0e759bf4b1b2d8c8afa3d656a8f34839c974d0104cb66f895a9a9d266f6499af",
+        "RTCSctpTransport._t3_restart": "abf85ae57b8fa1449570f0290f529b57fe181432e65245d1ca9719584320af8d",
+        "RTCSctpTransport._t3_start": "fa045ec7c5fff3d70acdfe21dc70951e4223a8b617cff1a37c1a75b239d9b403",
+        "RTCSctpTransport._t3_cancel": "0e0e3e38da2920641aa7c340e3339586db5196ffb2a833c940b08acb8392acf9",
         "RTCSctpTransport._mark_received": "2ac68b6a3934ca87cf9d9383d4dd764a8fbef83c9d06f9a0435bedde7df46499",
         "RTCSctpTransport._receive_data_chunk": "790c2bb8cd0f5dd735cb051ac669ccc5749a25965fb19a6aeb740fc861563048",
         "RTCSctpTransport._send_chunk": "eb2f909e3c2ff5cc948062e5eeaee54868455940ea62c6c9162145a4550127e6",
@@ -80,11 +83,18 @@ _KNOWN_SOURCES = {
         "Connection.data_received": "5631b17fab717d6b9a956b775d6f5580a50c2419dc6ef693286a98355e98a253",
         "Connection.recvfrom": "676acc01e4a9a9da04d94d86092a81ba17f1ef77bed0322c8302e3436310e863",
         "RTCDtlsTransport._RTCDtlsTransport__run": "24d63d929a104e16e20d0196590ee21cc41f9d569b134d2779b1d62d876e6815",
+        "StunProtocol.datagram_received": "ff4c8b910d45fb3a9e50c4391fe5cbaba33dcba669fea9e847e19a5c99b9bfbb",
+        # OpenSSL called through pyOpenSSL's own bindings, as these methods do (without a check per call)
+        "SSLConnection.recv": "84b0e9671ae37797ed9604ca3e0001a20882bd7d0051e26a1f4df66aaef06ef4",
+        "SSLConnection.send": "3a17d0bf025164cfbbc909c7362fdeb27d1e9f135f3ebaf9ce4376fe5e198625",
+        "SSLConnection.bio_write": "2198d63b78ada6dcd59c1e6d6f1b0d80b8f484637acd7633eb14f8d392f6a2a4",
+        "SSLConnection.bio_read": "bc83763ed40fc664a3015c30cdd5c5eb65d73cc09783f9686af0d814280825b3",
+        "SSLConnection._raise_ssl_error": "04b0d7964c73ea9eb7948883b2bd1c1d7d188ca9b5826f73f339de781868b18f",
     },
 }
 _OWNERS = {"RTCSctpTransport": sctp_module.RTCSctpTransport, "InboundStream": sctp_module.InboundStream,
            "RTCDtlsTransport": dtls_module.RTCDtlsTransport, "Connection": aioice.ice.Connection,
-           "StunProtocol": aioice.ice.StunProtocol}
+           "StunProtocol": aioice.ice.StunProtocol, "SSLConnection": SSL.Connection}
 
 
 def source_hash(qualified: str) -> str:
@@ -169,6 +179,7 @@ class TunedSctpTransport(RTCSctpTransport):
         self._pam_sack_packets = 0  # packets with DATA since the last SACK
         self._pam_sack_timer: asyncio.TimerHandle | None = None
         self._pam_retransmit_pending = False  # a chunk may be marked for retransmission
+        self._pam_t3_deadline = 0.0  # when T3 expires (loop time); the armed timer may be earlier
         self.pam_sacks_sent = 0  # for tests and benchmarks
 
     # --- receiving ---------------------------------------------------------------------------
@@ -302,6 +313,27 @@ class TunedSctpTransport(RTCSctpTransport):
         self._pam_retransmit_pending = True
         super()._t3_expired()
 
+    def _t3_start(self) -> None:
+        assert self._t3_handle is None
+        self._pam_t3_deadline = self._loop.time() + self._rto
+        self._t3_handle = self._loop.call_later(self._rto, self._pam_t3_due)
+
+    def _t3_restart(self) -> None:
+        """Stock cancels the timer and arms a new one on every SACK that acknowledges the earliest
+        chunk; this moves the deadline, and the armed timer re-arms itself for the rest when it
+        fires early: one timer per RTO instead of one per SACK, with the same expiry."""
+        if self._t3_handle is None:
+            self._t3_start()
+        else:
+            self._pam_t3_deadline = self._loop.time() + self._rto
+
+    def _pam_t3_due(self) -> None:
+        remaining = self._pam_t3_deadline - self._loop.time()
+        if remaining > 0.001:
+            self._t3_handle = self._loop.call_later(remaining, self._pam_t3_due)
+        else:
+            self._t3_expired()
+
     async def _pam_send_packet(self, chunks: list[bytes]) -> None:
         """One SCTP packet of serialized chunks, led by the pending SACK when it fits."""
         body = b"".join(chunks)
@@ -376,9 +408,23 @@ class TunedSctpTransport(RTCSctpTransport):
             await self._pam_send_packet(packet)
 
 
-# How many bytes OpenSSL's memory BIO holds, without reading it (None: always read, as stock).
-_BIO_MEM_DATA = getattr(SSL._lib, "BIO_get_mem_data", None)
-_MEM_DATA_POINTER = SSL._ffi.new("char **")  # out-parameter, written by any caller, never read
+_SSL_LIB, _SSL_FFI = SSL._lib, SSL._ffi  # what pyOpenSSL's Connection methods call
+
+
+def _demux_dtls_first(protocol: Any) -> None:
+    """Hand DTLS datagrams (first byte 20-63, RFC 7983) of an aioice StunProtocol straight to its
+    connection; stock parses every datagram as STUN first and catches the failure."""
+    if type(protocol) is not aioice.ice.StunProtocol or "datagram_received" in vars(protocol):
+        return
+    stock = protocol.datagram_received
+    receiver, component = protocol.receiver, protocol.local_candidate.component
+
+    def datagram_received(data: bytes, addr: Any) -> None:
+        if data and 19 < data[0] < 64:
+            receiver.data_received(data, component)
+        else:
+            stock(data, addr)
+    protocol.datagram_received = datagram_received
 
 
 class DirectQueue(asyncio.Queue):  # type: ignore[type-arg]
@@ -413,6 +459,8 @@ class TunedDtlsTransport(RTCDtlsTransport):
         self._pam_idle = False  # the receive task waits on an empty queue
         self._pam_backlog: collections.deque[bytes] | None = None  # records behind a suspended one
         self.pam_direct_records = 0  # for tests and benchmarks
+        self._pam_rx_buffer = _SSL_FFI.new("char[]", 1500)  # per transport: cffi calls drop the GIL
+        self._pam_tx_buffer = _SSL_FFI.new("char[]", 1500)
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -427,6 +475,9 @@ class TunedDtlsTransport(RTCDtlsTransport):
             queue = connection._queue = DirectQueue()
         if isinstance(queue, DirectQueue):
             queue.consumer = self._pam_direct
+        pair = connection._nominated.get(1)
+        if pair is not None:
+            _demux_dtls_first(pair.protocol)
         self._pam_idle = True
         try:
             data = await self.transport._recv()
@@ -440,9 +491,9 @@ class TunedDtlsTransport(RTCDtlsTransport):
         self._RTCDtlsTransport__rx_packets += 1
         first_byte = data[0]
         if 19 < first_byte < 64:
-            self._ssl.bio_write(data)
+            self._pam_bio_write(data)
             try:
-                record: bytes | None = self._ssl.recv(1500)
+                record: bytes | None = self._pam_ssl_recv()
             except SSL.ZeroReturnError:
                 record = None
             except SSL.Error:
@@ -498,14 +549,39 @@ class TunedDtlsTransport(RTCDtlsTransport):
         queue = self.transport._connection._queue
         asyncio.Queue.put_nowait(queue, None)  # recvfrom raises ConnectionError in the receive task
 
-    def _pam_ssl_output_pending(self) -> bool:
-        """Whether OpenSSL left bytes to send (reading an empty buffer raises, once per datagram)."""
-        bio = getattr(self._ssl, "_from_ssl", None)
-        if bio is None or _BIO_MEM_DATA is None:
-            return True
-        return _BIO_MEM_DATA(bio, _MEM_DATA_POINTER) > 0
+    # --- OpenSSL through pyOpenSSL's bindings, without its per-call checks on success -------------
 
-    async def _pam_send_record(self, data: bytes) -> None:
+    def _pam_take_output(self) -> bytes:
+        """Stock `bio_read(1500)` of what OpenSSL left to send; b"" when the BIO is empty (where
+        pyOpenSSL raises, caught by stock once per datagram)."""
+        size = _SSL_LIB.BIO_read(self._ssl._from_ssl, self._pam_tx_buffer, 1500)
+        return _SSL_FFI.buffer(self._pam_tx_buffer, size)[:] if size > 0 else b""
+
+    def _pam_ssl_recv(self) -> bytes:
+        """Stock `recv(1500)`: the checks that follow a failed read are pyOpenSSL's own."""
+        connection = self._ssl
+        size = _SSL_LIB.SSL_read(connection._ssl, self._pam_rx_buffer, 1500)
+        if size > 0:
+            return _SSL_FFI.buffer(self._pam_rx_buffer, size)[:]
+        connection._raise_ssl_error(connection._ssl, size)
+        return b""
+
+    def _pam_bio_write(self, data: bytes) -> None:
+        connection = self._ssl
+        size = _SSL_LIB.BIO_write(connection._into_ssl, data, len(data))
+        if size <= 0:
+            connection._handle_bio_errors(connection._into_ssl, size)
+
+    def _pam_ssl_send(self, data: bytes) -> None:
+        connection = self._ssl
+        size = _SSL_LIB.SSL_write(connection._ssl, data, len(data))
+        if size <= 0:
+            connection._raise_ssl_error(connection._ssl, size)
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def _pam_sendto_now(self, data: bytes) -> bool:
+        """Send a record straight to the nominated pair's UDP socket; False: use the stock path."""
         connection = self._transport._connection
         connection._pam_last_sent = time.monotonic()  # for idle_consent: is our traffic answered?
         pair = connection._nominated.get(1)
@@ -514,27 +590,29 @@ class TunedDtlsTransport(RTCDtlsTransport):
         # and must wrap the record in a Send indication, which the stock path does.
         is_closing = getattr(transport, "is_closing", None)
         if is_closing is None or is_closing():
-            await self.transport._send(data)  # stock path: raises ConnectionError when not connected
-        else:
-            transport.sendto(data, pair.remote_addr)
+            return False
+        transport.sendto(data, pair.remote_addr)
+        self._RTCDtlsTransport__tx_bytes += len(data)
+        self._RTCDtlsTransport__tx_packets += 1
+        return True
+
+    async def _pam_send_stock(self, data: bytes) -> None:
+        await self.transport._send(data)  # raises ConnectionError when not connected
         self._RTCDtlsTransport__tx_bytes += len(data)
         self._RTCDtlsTransport__tx_packets += 1
 
     async def _write_ssl(self) -> None:
-        if not self._pam_ssl_output_pending():
-            return
-        try:
-            data = self._ssl.bio_read(1500)
-        except SSL.Error:
-            data = b""
-        if data:
-            await self._pam_send_record(data)
+        data = self._pam_take_output()
+        if data and not self._pam_sendto_now(data):
+            await self._pam_send_stock(data)
 
     async def _send_data(self, data: bytes) -> None:
         if self._state != State.CONNECTED:
             raise ConnectionError("Cannot send encrypted data, not connected")
-        self._ssl.send(data)
-        await self._write_ssl()
+        self._pam_ssl_send(data)
+        record = self._pam_take_output()
+        if record and not self._pam_sendto_now(record):
+            await self._pam_send_stock(record)
 
 
 def is_tuned(channel: Any) -> bool:
