@@ -31,6 +31,7 @@ import hashlib
 import inspect
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -411,6 +412,25 @@ class TunedSctpTransport(RTCSctpTransport):
 _SSL_LIB, _SSL_FFI = SSL._lib, SSL._ffi  # what pyOpenSSL's Connection methods call
 
 
+RECEIVE_BUFFER = 2 * 1024 * 1024  # bytes asked for: ~ SCTP's 1 MiB window in datagrams (the kernel caps it)
+
+
+def _size_receive_buffer(protocol: Any) -> None:
+    """Let the nominated socket hold SCTP's receive window. aiortc's sender is paced by its
+    congestion window alone, which grows past what a default 208 KiB socket buffer holds in
+    datagrams (~90); every datagram beyond is dropped by the kernel and must be retransmitted."""
+    transport = getattr(protocol, "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or getattr(protocol, "_pam_buffer_sized", False):
+        return
+    protocol._pam_buffer_sized = True
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RECEIVE_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    except OSError:
+        pass
+
+
 def _demux_dtls_first(protocol: Any) -> None:
     """Hand DTLS datagrams (first byte 20-63, RFC 7983) of an aioice StunProtocol straight to its
     connection; stock parses every datagram as STUN first and catches the failure."""
@@ -478,6 +498,7 @@ class TunedDtlsTransport(RTCDtlsTransport):
         pair = connection._nominated.get(1)
         if pair is not None:
             _demux_dtls_first(pair.protocol)
+            _size_receive_buffer(pair.protocol)
         self._pam_idle = True
         try:
             data = await self.transport._recv()
