@@ -161,6 +161,48 @@ async def _resume(coro: Any, yielded: Any) -> None:
             return
 
 
+class LazyTimer:
+    """One loop timer for a deadline that moves or clears often (T3 on every SACK, the delayed
+    SACK on every request): moving or clearing costs no timer operation; the armed timer re-arms
+    itself for the rest when it fires before the deadline, so expiry is as exact as before."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+        self._loop, self._callback = loop, callback
+        self.deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._fires_at = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.deadline is not None
+
+    def set(self, delay: float) -> None:
+        deadline = self._loop.time() + delay
+        self.deadline = deadline
+        if self._handle is None or self._fires_at > deadline + 0.001:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._arm(delay, deadline)
+
+    def clear(self) -> None:
+        self.deadline = None
+
+    def _arm(self, delay: float, at: float) -> None:
+        self._fires_at = at
+        self._handle = self._loop.call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self._handle = None
+        if self.deadline is None:
+            return
+        remaining = self.deadline - self._loop.time()
+        if remaining > 0.001:
+            self._arm(remaining, self.deadline)
+            return
+        self.deadline = None
+        self._callback()
+
+
 def _build_stock(stock: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     instance = object.__new__(stock)
     instance.__init__(*args, **kwargs)
@@ -178,9 +220,9 @@ class TunedSctpTransport(RTCSctpTransport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pam_sack_packets = 0  # packets with DATA since the last SACK
-        self._pam_sack_timer: asyncio.TimerHandle | None = None
+        self._pam_sack_timer = LazyTimer(self._loop, self._pam_sack_due)
         self._pam_retransmit_pending = False  # a chunk may be marked for retransmission
-        self._pam_t3_deadline = 0.0  # when T3 expires (loop time); the armed timer may be earlier
+        self._pam_t3 = LazyTimer(self._loop, self._t3_expired)  # T3 (stock's _t3_handle stays None)
         self.pam_sacks_sent = 0  # for tests and benchmarks
 
     # --- receiving ---------------------------------------------------------------------------
@@ -213,11 +255,10 @@ class TunedSctpTransport(RTCSctpTransport):
                 or self._pam_sack_packets >= SACK_EVERY_PACKETS
                 or self._association_state != self.State.ESTABLISHED):
             await self._send_sack()
-        elif self._pam_sack_timer is None:
-            self._pam_sack_timer = self._loop.call_later(SACK_DELAY_S, self._pam_sack_due)
+        elif not self._pam_sack_timer.active:
+            self._pam_sack_timer.set(SACK_DELAY_S)
 
     def _pam_sack_due(self) -> None:
-        self._pam_sack_timer = None
         if self._sack_needed:
             asyncio.ensure_future(self._pam_send_sack_quietly())
 
@@ -230,9 +271,7 @@ class TunedSctpTransport(RTCSctpTransport):
     def _pam_sack_sent(self) -> None:
         self.pam_sacks_sent += 1
         self._pam_sack_packets = 0
-        if self._pam_sack_timer is not None:
-            self._pam_sack_timer.cancel()
-            self._pam_sack_timer = None
+        self._pam_sack_timer.clear()
 
     async def _send_sack(self) -> None:
         self._pam_sack_sent()
@@ -240,6 +279,9 @@ class TunedSctpTransport(RTCSctpTransport):
 
     def _pam_sack_bytes(self) -> bytes:
         """The pending SACK as a chunk to bundle (stock _send_sack's content); clears what it reports."""
+        if not self._sack_misordered and not self._sack_duplicates:  # in order: SackChunk's bytes, packed once
+            return sctp_module.pack("!BBHLLHH", SackChunk.type, 0, 16, self._last_received_tsn,
+                                    max(0, self._advertised_rwnd), 0, 0)
         gaps: list[list[int]] = []
         gap_next = None
         for tsn in sorted(self._sack_misordered):
@@ -315,25 +357,15 @@ class TunedSctpTransport(RTCSctpTransport):
         super()._t3_expired()
 
     def _t3_start(self) -> None:
-        assert self._t3_handle is None
-        self._pam_t3_deadline = self._loop.time() + self._rto
-        self._t3_handle = self._loop.call_later(self._rto, self._pam_t3_due)
+        self._pam_t3.set(self._rto)
 
     def _t3_restart(self) -> None:
         """Stock cancels the timer and arms a new one on every SACK that acknowledges the earliest
-        chunk; this moves the deadline, and the armed timer re-arms itself for the rest when it
-        fires early: one timer per RTO instead of one per SACK, with the same expiry."""
-        if self._t3_handle is None:
-            self._t3_start()
-        else:
-            self._pam_t3_deadline = self._loop.time() + self._rto
+        chunk (and stops and starts it on every request/response): here that moves a deadline."""
+        self._pam_t3.set(self._rto)
 
-    def _pam_t3_due(self) -> None:
-        remaining = self._pam_t3_deadline - self._loop.time()
-        if remaining > 0.001:
-            self._t3_handle = self._loop.call_later(remaining, self._pam_t3_due)
-        else:
-            self._t3_expired()
+    def _t3_cancel(self) -> None:
+        self._pam_t3.clear()
 
     async def _pam_send_packet(self, chunks: list[bytes]) -> None:
         """One SCTP packet of serialized chunks, led by the pending SACK when it fits."""
@@ -355,7 +387,7 @@ class TunedSctpTransport(RTCSctpTransport):
         if self._forward_tsn_chunk is not None:
             await self._send_chunk(self._forward_tsn_chunk)
             self._forward_tsn_chunk = None
-            if not self._t3_handle:
+            if not self._pam_t3.active:
                 self._t3_start()
 
         if self._fast_recovery_exit is not None:
@@ -403,7 +435,7 @@ class TunedSctpTransport(RTCSctpTransport):
             chunk._sent_count += 1
             chunk._sent_time = time.time()
             await add(chunk)
-            if not self._t3_handle:
+            if not self._pam_t3.active:
                 self._t3_start()
         if packet:
             await self._pam_send_packet(packet)
@@ -481,6 +513,9 @@ class TunedDtlsTransport(RTCDtlsTransport):
         self.pam_direct_records = 0  # for tests and benchmarks
         self._pam_rx_buffer = _SSL_FFI.new("char[]", 1500)  # per transport: cffi calls drop the GIL
         self._pam_tx_buffer = _SSL_FFI.new("char[]", 1500)
+        self._pam_pair: Any = None  # the nominated pair _pam_udp and _pam_addr belong to
+        self._pam_udp: Any = None
+        self._pam_addr: Any = None
 
     # --- receiving ---------------------------------------------------------------------------
 
@@ -606,13 +641,17 @@ class TunedDtlsTransport(RTCDtlsTransport):
         connection = self._transport._connection
         connection._pam_last_sent = time.monotonic()  # for idle_consent: is our traffic answered?
         pair = connection._nominated.get(1)
-        transport = getattr(pair.protocol, "transport", None) if pair is not None else None
-        # Straight to a UDP socket only: a TURN-relayed pair's TurnTransport has no is_closing()
-        # and must wrap the record in a Send indication, which the stock path does.
-        is_closing = getattr(transport, "is_closing", None)
-        if is_closing is None or is_closing():
+        if pair is not self._pam_pair:  # looked up once per nominated pair
+            self._pam_pair = pair
+            transport = getattr(pair.protocol, "transport", None) if pair is not None else None
+            # Straight to a UDP socket only: a TURN-relayed pair's TurnTransport has no is_closing()
+            # and must wrap the record in a Send indication, which the stock path does.
+            self._pam_udp = transport if getattr(transport, "is_closing", None) is not None else None
+            self._pam_addr = pair.remote_addr if pair is not None else None
+        transport = self._pam_udp
+        if transport is None or transport.is_closing():
             return False
-        transport.sendto(data, pair.remote_addr)
+        transport.sendto(data, self._pam_addr)
         self._RTCDtlsTransport__tx_bytes += len(data)
         self._RTCDtlsTransport__tx_packets += 1
         return True
