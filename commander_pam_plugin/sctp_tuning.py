@@ -449,8 +449,9 @@ RECEIVE_BUFFER = 2 * 1024 * 1024  # bytes asked for: ~ SCTP's 1 MiB window in da
 
 def _size_receive_buffer(protocol: Any) -> None:
     """Let the nominated socket hold SCTP's receive window. aiortc's sender is paced by its
-    congestion window alone, which grows past what a default 208 KiB socket buffer holds in
-    datagrams (~90); every datagram beyond is dropped by the kernel and must be retransmitted."""
+    congestion window alone, which grows past what aioice's 256 KiB socket buffer holds in
+    datagrams (the kernel charges each ~1.2 KB datagram a few KB); every datagram beyond is
+    dropped by the kernel and must be retransmitted."""
     transport = getattr(protocol, "transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None or getattr(protocol, "_pam_buffer_sized", False):
