@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 FLOW_HIGH = 1024 * 1024
 FLOW_LOW = 256 * 1024
 CHUNK = 16 * 1024
+# A tunnel stream on a tuned peer sends messages as large as the client's (tunnel.READ_CHUNK):
+# a quarter of the messages to reassemble and write out per MB on the client
+TUNED_TCP_CHUNK = 64 * 1024
 READ_SIZE = 64 * 1024
 TCP_CONNECT_TIMEOUT_S = 10.0
 SSH_CONNECT_TIMEOUT_S = 15.0
@@ -67,6 +70,7 @@ class ChannelPipe:
         self._inbox: asyncio.Queue[bytes | int | dict[str, Any] | None] = asyncio.Queue()
         self.direct = sctp_tuning.is_tuned(channel)
         self.sink: Callable[[bytes], bool] | None = None
+        self.chunk = CHUNK  # largest message sent
         self._sending = False  # send() holds bytes it has not sent yet: send_now must not overtake
         self.direct_sends = self.direct_writes = 0  # payloads that skipped a task (tests, benchmarks)
         self._drained = asyncio.Event()
@@ -158,8 +162,9 @@ class ChannelPipe:
         allowance = self.credit.allowance
         if allowance is not None and allowance < len(data):
             return False
-        for position in range(0, len(data), CHUNK):
-            self.channel.send(data[position:position + CHUNK])
+        chunk = self.chunk
+        for position in range(0, len(data), chunk):
+            self.channel.send(data[position:position + chunk])
         self.credit.spend(len(data))
         self.direct_sends += 1
         return True
@@ -178,7 +183,7 @@ class ChannelPipe:
             allowance = await self.credit.wait()
             if not self.is_open:
                 raise ChannelClosed()
-            size = CHUNK if allowance is None else min(CHUNK, allowance)
+            size = self.chunk if allowance is None else min(self.chunk, allowance)
             piece = data[position:position + size]
             self.channel.send(piece)
             self.credit.spend(len(piece))
@@ -246,6 +251,8 @@ class TcpStream:
         if self.pipe.direct:  # a tuned peer: bytes skip this stream's tasks where nothing waits
             self._reader.sink = self.pipe.send_now
             self.pipe.sink = self._write_now
+            remote_max = getattr(self.pipe.channel.transport, "_remote_max_message_size", 0)
+            self.pipe.chunk = min(TUNED_TCP_CHUNK, remote_max) if remote_max else TUNED_TCP_CHUNK
 
     async def run(self) -> None:
         """Pump both ways until both sides are done, the client goes away, or an error.
