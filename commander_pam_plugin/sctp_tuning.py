@@ -367,7 +367,7 @@ class TunedSctpTransport(RTCSctpTransport):
     def _t3_cancel(self) -> None:
         self._pam_t3.clear()
 
-    async def _pam_send_packet(self, chunks: list[bytes]) -> None:
+    def _pam_packet(self, chunks: list[bytes]) -> bytes:
         """One SCTP packet of serialized chunks, led by the pending SACK when it fits."""
         body = b"".join(chunks)
         if self._sack_needed:
@@ -379,7 +379,20 @@ class TunedSctpTransport(RTCSctpTransport):
                 self._pam_sack_sent()
         header = sctp_module.pack("!HHL", self._local_port, self._remote_port, self._remote_verification_tag)
         checksum = crc32c(header + b"\x00\x00\x00\x00" + body)
-        await self._RTCSctpTransport__transport._send_data(header + sctp_module.pack("<L", checksum) + body)
+        return header + sctp_module.pack("<L", checksum) + body
+
+    async def _pam_send_packets(self, packets: list[list[bytes]]) -> None:
+        """Send packets in order; through a tuned DTLS transport without a coroutine per packet."""
+        dtls = self._RTCSctpTransport__transport
+        tuned = isinstance(dtls, TunedDtlsTransport)
+        for chunks in packets:
+            data = self._pam_packet(chunks)
+            if not tuned:
+                await dtls._send_data(data)
+                continue
+            record = dtls._pam_send_now(data)
+            if record:
+                await dtls._pam_send_stock(record)
 
     async def _transmit(self) -> None:
         """Stock _transmit, with the retransmission scan skipped when nothing can be marked and
@@ -396,17 +409,18 @@ class TunedSctpTransport(RTCSctpTransport):
             burst_size = 4 * sctp_module.USERDATA_MAX_LENGTH
         cwnd = min(self._flight_size + burst_size, self._cwnd)
 
-        packet: list[bytes] = []
-        room = _PACKET_ROOM
+        packets: list[list[bytes]] = []
+        room = 0  # what the last packet of `packets` can still take
 
-        async def add(chunk: DataChunk) -> None:
-            nonlocal packet, room
+        def add(chunk: DataChunk) -> None:
+            nonlocal room
             data = bytes(chunk)
-            if packet and len(data) > room:
-                await self._pam_send_packet(packet)
-                packet, room = [], _PACKET_ROOM
-            packet.append(data)
-            room -= len(data)
+            if not packets or len(data) > room:
+                packets.append([data])
+                room = _PACKET_ROOM - len(data)
+            else:
+                packets[-1].append(data)
+                room -= len(data)
 
         if self._pam_retransmit_pending:
             retransmit_earliest = True
@@ -415,14 +429,14 @@ class TunedSctpTransport(RTCSctpTransport):
                     if self._fast_recovery_transmit:
                         self._fast_recovery_transmit = False
                     elif self._flight_size >= cwnd:
-                        if packet:
-                            await self._pam_send_packet(packet)
+                        if packets:
+                            await self._pam_send_packets(packets)
                         return
                     self._flight_size_increase(chunk)
                     chunk._misses = 0
                     chunk._retransmit = False
                     chunk._sent_count += 1
-                    await add(chunk)
+                    add(chunk)
                     if retransmit_earliest:
                         self._t3_restart()
                 retransmit_earliest = False
@@ -434,11 +448,11 @@ class TunedSctpTransport(RTCSctpTransport):
             self._flight_size_increase(chunk)
             chunk._sent_count += 1
             chunk._sent_time = time.time()
-            await add(chunk)
+            add(chunk)
             if not self._pam_t3.active:
                 self._t3_start()
-        if packet:
-            await self._pam_send_packet(packet)
+        if packets:
+            await self._pam_send_packets(packets)
 
 
 _SSL_LIB, _SSL_FFI = SSL._lib, SSL._ffi  # what pyOpenSSL's Connection methods call
@@ -667,12 +681,20 @@ class TunedDtlsTransport(RTCDtlsTransport):
         if data and not self._pam_sendto_now(data):
             await self._pam_send_stock(data)
 
-    async def _send_data(self, data: bytes) -> None:
+    def _pam_send_now(self, data: bytes) -> bytes:
+        """_send_data without a coroutine: encrypt and send; returns b"", or the record that the
+        stock path must still send (no nominated UDP socket)."""
         if self._state != State.CONNECTED:
             raise ConnectionError("Cannot send encrypted data, not connected")
         self._pam_ssl_send(data)
         record = self._pam_take_output()
         if record and not self._pam_sendto_now(record):
+            return record
+        return b""
+
+    async def _send_data(self, data: bytes) -> None:
+        record = self._pam_send_now(data)
+        if record:
             await self._pam_send_stock(record)
 
 
