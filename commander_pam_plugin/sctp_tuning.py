@@ -67,6 +67,7 @@ _KNOWN_SOURCES = {
         "RTCSctpTransport._t3_start": "fa045ec7c5fff3d70acdfe21dc70951e4223a8b617cff1a37c1a75b239d9b403",
         "RTCSctpTransport._t3_cancel": "0e0e3e38da2920641aa7c340e3339586db5196ffb2a833c940b08acb8392acf9",
         "RTCSctpTransport._mark_received": "2ac68b6a3934ca87cf9d9383d4dd764a8fbef83c9d06f9a0435bedde7df46499",
+        "RTCSctpTransport._receive_chunk": "830bae988365ba89e183334cec6cd47efd03a10909db903e1805d9aad2a5380d",
         "RTCSctpTransport._receive_data_chunk": "790c2bb8cd0f5dd735cb051ac669ccc5749a25965fb19a6aeb740fc861563048",
         "RTCSctpTransport._send_chunk": "eb2f909e3c2ff5cc948062e5eeaee54868455940ea62c6c9162145a4550127e6",
         "RTCSctpTransport._data_channel_send": "bff23b8d60ecb6243e6e6c26883e655caa465eb9ece0ac3e936b5ceadffd7cf2",
@@ -245,8 +246,10 @@ class TunedSctpTransport(RTCSctpTransport):
         had_gap = bool(self._sack_misordered)
         only_data = True
         for chunk in chunks:
-            if not isinstance(chunk, DataChunk):
-                only_data = only_data and not isinstance(chunk, sctp_module.ForwardTsnChunk)
+            if type(chunk) is DataChunk:  # what stock _receive_chunk dispatches it to, minus its debug line
+                await self._receive_data_chunk(chunk)
+                continue
+            only_data = only_data and not isinstance(chunk, sctp_module.ForwardTsnChunk)
             await self._receive_chunk(chunk)
         if not self._sack_needed:
             return
@@ -569,7 +572,9 @@ class TunedDtlsTransport(RTCDtlsTransport):
                 record = None
             except SSL.Error:
                 record = b""
-            await self._write_ssl()
+            output = self._pam_take_output()  # _write_ssl, without a coroutine when nothing is due
+            if output and not self._pam_sendto_now(output):
+                await self._pam_send_stock(output)
             if record is None:
                 raise ConnectionError  # the remote shut DTLS down: the receive task ends, as stock
             if record and self._data_receiver:
