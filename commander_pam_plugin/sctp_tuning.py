@@ -14,8 +14,12 @@ subclasses here do the same protocol work with less of it (docs/UPSTREAM-AIORTC.
   over every outstanding chunk on every SACK;
 - in-order TSN bookkeeping and reassembly in O(1) per chunk;
 - a message's flush runs when the message is sent, not as a new task on the next loop iteration;
-- DTLS: send the record straight to the nominated pair's socket, and read OpenSSL's output
-  buffer only when it holds something.
+- DTLS: send the record straight to the nominated pair's socket, call OpenSSL without
+  pyOpenSSL's success-path checks and without a coroutine per record, and handle a received
+  record in the socket callback while the receive task idles (DirectQueue), DTLS datagrams
+  demultiplexed by their first byte before aioice's STUN parse (RFC 7983);
+- T3 and the delayed SACK as LazyTimer deadlines (no timer made per SACK or per request), and
+  the nominated socket's receive buffer sized for SCTP's window.
 
 Each class is used only while every aiortc/aioice method it replaces or relies on has the
 source it was written against (sha256, as rtc.py guards its aioice overrides); otherwise, or

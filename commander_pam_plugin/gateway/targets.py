@@ -27,9 +27,6 @@ log = logging.getLogger(__name__)
 FLOW_HIGH = 1024 * 1024
 FLOW_LOW = 256 * 1024
 CHUNK = 16 * 1024
-# A tunnel stream on a tuned peer sends messages as large as the client's (tunnel.READ_CHUNK):
-# a quarter of the messages to reassemble and write out per MB on the client
-TUNED_TCP_CHUNK = 64 * 1024
 READ_SIZE = 64 * 1024
 TCP_CONNECT_TIMEOUT_S = 10.0
 SSH_CONNECT_TIMEOUT_S = 15.0
@@ -251,8 +248,6 @@ class TcpStream:
         if self.pipe.direct:  # a tuned peer: bytes skip this stream's tasks where nothing waits
             self._reader.sink = self.pipe.send_now
             self.pipe.sink = self._write_now
-            remote_max = getattr(self.pipe.channel.transport, "_remote_max_message_size", 0)
-            self.pipe.chunk = min(TUNED_TCP_CHUNK, remote_max) if remote_max else TUNED_TCP_CHUNK
 
     async def run(self) -> None:
         """Pump both ways until both sides are done, the client goes away, or an error.
