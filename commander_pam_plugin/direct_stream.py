@@ -51,7 +51,8 @@ async def open_connection(host: str, port: int) -> tuple[DirectReader, asyncio.S
 
 def write_now(writer: asyncio.StreamWriter, data: bytes) -> int | None:
     """Write without waiting: None when the transport is closing (the caller queues instead),
-    else the bytes still in the transport's buffer (0: the kernel took everything)."""
+    else the bytes still in the transport's buffer (0: the kernel took everything; never 0 when
+    the write lost the connection, so the caller's drain() raises the error as stock's would)."""
     transport = writer.transport
     if transport.is_closing():
         return None
@@ -59,4 +60,6 @@ def write_now(writer: asyncio.StreamWriter, data: bytes) -> int | None:
         writer.write(data)
     except (ConnectionError, OSError, RuntimeError):
         return None
+    if transport.is_closing():  # the write failed (reset, broken pipe): drain() must report it, as stock
+        return max(1, transport.get_write_buffer_size())
     return transport.get_write_buffer_size()

@@ -121,8 +121,9 @@ class ChannelPump:
         try:
             for start in range(0, len(data), READ_CHUNK):
                 self.channel.send(data[start:start + READ_CHUNK])
-        except InvalidStateError:
-            return False
+        except InvalidStateError:  # closed under us: the stream ends, nothing is sent twice
+            self._on_close()
+            return True
         self.credit.spend(len(data))
         self.stats.bytes_out += len(data)
         self.direct_sends += 1

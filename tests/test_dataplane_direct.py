@@ -174,7 +174,7 @@ async def _through_a_stream(echo_port: int, rounds: int, bulk: int) -> dict[str,
         pump = pumps[0]
         return {"exchanges": exchanges_intact, "bulk": digest == hashlib.sha256(payload).digest(),
                 "overrun": WatchedPump.overrun,
-                "client": (pump.direct_sends, pump.direct_writes), "gateway": (pipe.direct_sends, pipe.direct_writes)}
+                "client": (pump.direct_sends, pump.direct_writes), "gateway": pipe.direct_sends}
     finally:
         server.close()
         await a.close()
@@ -190,10 +190,10 @@ def test_requests_responses_and_a_bulk_transfer_are_intact_with_and_without_the_
     # credit for written bytes waits for drain(), which returns below the transport's low-water
     # mark: what runs ahead stays within a write buffer's worth, never the window
     assert result["overrun"] <= 128 * 1024, result
-    if tuning == "1":  # both ends took the shortcuts, both ways
-        assert min(result["client"]) > 0 and min(result["gateway"]) > 0, result
+    if tuning == "1":  # the client's both ways, the gateway's from the target
+        assert min(result["client"]) > 0 and result["gateway"] > 0, result
     else:  # PAM_SCTP_TUNING=0: the old task-per-hop pumps
-        assert result["client"] == (0, 0) and result["gateway"] == (0, 0), result
+        assert result["client"] == (0, 0) and result["gateway"] == 0, result
 
 
 # --- DTLS records in the socket callback, the receive buffer -----------------------------------------

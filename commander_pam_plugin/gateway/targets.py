@@ -48,10 +48,8 @@ class ChannelPipe:
     client as the target takes them (`delivered`). Credit messages are handled here, at
     arrival, so a target that does not read never delays credit for the other direction.
 
-    `sink` (set by the owner, on a tuned peer only) may take a received payload in the channel's
-    callback while nothing is queued before it: it returns True once it wrote the payload, and
-    then calls `delivered` itself or `written_pending(size)` to have the reader drain first.
-    `send_now` is the other direction's shortcut (see direct_stream).
+    `send_now` lets the owner send target bytes from the socket callback (direct_stream) when
+    credit and buffer room allow and send() holds nothing.
     """
 
     def __init__(self, channel: RTCDataChannel, *, send_limit: int | None = None,
@@ -64,12 +62,11 @@ class ChannelPipe:
         # Credit goes only to a client that announced a window: an older one sees the old protocol.
         self._grants = send_limit is not None
         self._announce = announce  # terminal: no open/opened, so the first window goes in-band
-        self._inbox: asyncio.Queue[bytes | int | dict[str, Any] | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue[bytes | dict[str, Any] | None] = asyncio.Queue()
         self.direct = sctp_tuning.is_tuned(channel)
-        self.sink: Callable[[bytes], bool] | None = None
         self.chunk = CHUNK  # largest message sent
         self._sending = False  # send() holds bytes it has not sent yet: send_now must not overtake
-        self.direct_sends = self.direct_writes = 0  # payloads that skipped a task (tests, benchmarks)
+        self.direct_sends = 0  # sends that skipped a task (tests, benchmarks)
         self._drained = asyncio.Event()
         self._opened = asyncio.Event()
         self.closed = asyncio.Event()
@@ -94,9 +91,6 @@ class ChannelPipe:
             if reason is not None:
                 log.warning("stream %s cut: %s", self.channel.id, reason)
                 self.fail(reason)
-                return
-            if self.sink is not None and self._inbox.empty() and self.sink(message):
-                self.direct_writes += 1
                 return
             self._inbox.put_nowait(message)
             return
@@ -130,14 +124,8 @@ class ChannelPipe:
         if not self.is_open:
             raise ChannelClosed()
 
-    def written_pending(self, size: int) -> None:
-        """The sink wrote `size` bytes that still sit in the target's buffer: receive() returns
-        `size` (an int) in order, for the reader to drain and then call delivered(size)."""
-        self._inbox.put_nowait(size)
-
-    async def receive(self) -> bytes | int | dict[str, Any]:
+    async def receive(self) -> bytes | dict[str, Any]:
         """Next payload (bytes) or in-band control message (dict); ChannelClosed when gone.
-        An int only with a sink (written_pending).
 
         Call `delivered(len(payload))` once the payload is out of this process."""
         item = await self._inbox.get()
@@ -247,7 +235,10 @@ class TcpStream:
             direct_stream.open_connection(self.host, self.port), TCP_CONNECT_TIMEOUT_S)
         if self.pipe.direct:  # a tuned peer: bytes skip this stream's tasks where nothing waits
             self._reader.sink = self.pipe.send_now
-            self.pipe.sink = self._write_now
+            # Payloads to the target still go through _to_target: written from the channel's
+            # callback, a write into a target that just reset failed with EPIPE before its reset
+            # was read, so the stream's reason said BrokenPipeError (or nothing) instead of the
+            # reset (tests/test_reliability_faults.py, test_dataplane_limits.py).
 
     async def run(self) -> None:
         """Pump both ways until both sides are done, the client goes away, or an error.
@@ -270,27 +261,11 @@ class TcpStream:
             self.pipe.close()
             self._close_socket(reset=not normal)
 
-    def _write_now(self, data: bytes) -> bool:
-        """The pipe's sink: write a payload to the target in the channel's callback."""
-        if self._writer is None:
-            return False
-        pending = direct_stream.write_now(self._writer, data)
-        if pending is None:
-            return False
-        if pending == 0:
-            self.pipe.delivered(len(data))
-        else:
-            self.pipe.written_pending(len(data))
-        return True
-
     async def _to_target(self) -> None:
         assert self._writer is not None
         while True:
             item = await self.pipe.receive()
-            if isinstance(item, int):  # written by _write_now; credit once it drained
-                await self._drain()
-                self.pipe.delivered(item)
-            elif isinstance(item, bytes):
+            if isinstance(item, bytes):
                 self._writer.write(item)
                 await self._drain()
                 self.pipe.delivered(len(item))
