@@ -14,8 +14,12 @@ subclasses here do the same protocol work with less of it (docs/UPSTREAM-AIORTC.
   over every outstanding chunk on every SACK;
 - in-order TSN bookkeeping and reassembly in O(1) per chunk;
 - a message's flush runs when the message is sent, not as a new task on the next loop iteration;
-- DTLS: send the record straight to the nominated pair's socket, and read OpenSSL's output
-  buffer only when it holds something.
+- DTLS: send the record straight to the nominated pair's socket, call OpenSSL without
+  pyOpenSSL's success-path checks and without a coroutine per record, and handle a received
+  record in the socket callback while the receive task idles (DirectQueue), DTLS datagrams
+  demultiplexed by their first byte before aioice's STUN parse (RFC 7983);
+- T3 and the delayed SACK as LazyTimer deadlines (no timer made per SACK or per request), and
+  the nominated socket's receive buffer sized for SCTP's window.
 
 Each class is used only while every aiortc/aioice method it replaces or relies on has the
 source it was written against (sha256, as rtc.py guards its aioice overrides); otherwise, or
@@ -25,11 +29,13 @@ are built. The choice is made per transport, so a benchmark can run both side by
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hashlib
 import inspect
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -61,7 +67,11 @@ _KNOWN_SOURCES = {
         "RTCSctpTransport._transmit": "aa8941d5f8f020e8b4e438e02084533dd78399da498638a013025252e5fe8115",
         "RTCSctpTransport._receive_sack_chunk": "4b35ccf1372cdec8705f378a04de43d9c4ad5675afae09781eddd69ecdb473b1",
         "RTCSctpTransport._t3_expired": "0e759bf4b1b2d8c8afa3d656a8f34839c974d0104cb66f895a9a9d266f6499af",
+        "RTCSctpTransport._t3_restart": "abf85ae57b8fa1449570f0290f529b57fe181432e65245d1ca9719584320af8d",
+        "RTCSctpTransport._t3_start": "fa045ec7c5fff3d70acdfe21dc70951e4223a8b617cff1a37c1a75b239d9b403",
+        "RTCSctpTransport._t3_cancel": "0e0e3e38da2920641aa7c340e3339586db5196ffb2a833c940b08acb8392acf9",
         "RTCSctpTransport._mark_received": "2ac68b6a3934ca87cf9d9383d4dd764a8fbef83c9d06f9a0435bedde7df46499",
+        "RTCSctpTransport._receive_chunk": "830bae988365ba89e183334cec6cd47efd03a10909db903e1805d9aad2a5380d",
         "RTCSctpTransport._receive_data_chunk": "790c2bb8cd0f5dd735cb051ac669ccc5749a25965fb19a6aeb740fc861563048",
         "RTCSctpTransport._send_chunk": "eb2f909e3c2ff5cc948062e5eeaee54868455940ea62c6c9162145a4550127e6",
         "RTCSctpTransport._data_channel_send": "bff23b8d60ecb6243e6e6c26883e655caa465eb9ece0ac3e936b5ceadffd7cf2",
@@ -75,11 +85,22 @@ _KNOWN_SOURCES = {
         "RTCDtlsTransport._write_ssl": "6573c0237063bdf0df41ede543428ea6e669020e86b93e8484bbac9c9730a54a",
         "Connection.sendto": "bf162ec03bdce2cc2b9602cd47a03aa70b15b45383da4d0618090e65179f7e85",
         "StunProtocol.send_data": "8bfbce074a897482d13dba6bf49ff6f09e48f84327143b801a3a12d2e43de358",
+        # the record handed over from the socket callback (DirectQueue)
+        "Connection.data_received": "5631b17fab717d6b9a956b775d6f5580a50c2419dc6ef693286a98355e98a253",
+        "Connection.recvfrom": "676acc01e4a9a9da04d94d86092a81ba17f1ef77bed0322c8302e3436310e863",
+        "RTCDtlsTransport._RTCDtlsTransport__run": "24d63d929a104e16e20d0196590ee21cc41f9d569b134d2779b1d62d876e6815",
+        "StunProtocol.datagram_received": "ff4c8b910d45fb3a9e50c4391fe5cbaba33dcba669fea9e847e19a5c99b9bfbb",
+        # OpenSSL called through pyOpenSSL's own bindings, as these methods do (without a check per call)
+        "SSLConnection.recv": "84b0e9671ae37797ed9604ca3e0001a20882bd7d0051e26a1f4df66aaef06ef4",
+        "SSLConnection.send": "3a17d0bf025164cfbbc909c7362fdeb27d1e9f135f3ebaf9ce4376fe5e198625",
+        "SSLConnection.bio_write": "2198d63b78ada6dcd59c1e6d6f1b0d80b8f484637acd7633eb14f8d392f6a2a4",
+        "SSLConnection.bio_read": "bc83763ed40fc664a3015c30cdd5c5eb65d73cc09783f9686af0d814280825b3",
+        "SSLConnection._raise_ssl_error": "04b0d7964c73ea9eb7948883b2bd1c1d7d188ca9b5826f73f339de781868b18f",
     },
 }
 _OWNERS = {"RTCSctpTransport": sctp_module.RTCSctpTransport, "InboundStream": sctp_module.InboundStream,
            "RTCDtlsTransport": dtls_module.RTCDtlsTransport, "Connection": aioice.ice.Connection,
-           "StunProtocol": aioice.ice.StunProtocol}
+           "StunProtocol": aioice.ice.StunProtocol, "SSLConnection": SSL.Connection}
 
 
 def source_hash(qualified: str) -> str:
@@ -145,6 +166,48 @@ async def _resume(coro: Any, yielded: Any) -> None:
             return
 
 
+class LazyTimer:
+    """One loop timer for a deadline that moves or clears often (T3 on every SACK, the delayed
+    SACK on every request): moving or clearing costs no timer operation; the armed timer re-arms
+    itself for the rest when it fires before the deadline, so expiry is as exact as before."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+        self._loop, self._callback = loop, callback
+        self.deadline: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._fires_at = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.deadline is not None
+
+    def set(self, delay: float) -> None:
+        deadline = self._loop.time() + delay
+        self.deadline = deadline
+        if self._handle is None or self._fires_at > deadline + 0.001:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._arm(delay, deadline)
+
+    def clear(self) -> None:
+        self.deadline = None
+
+    def _arm(self, delay: float, at: float) -> None:
+        self._fires_at = at
+        self._handle = self._loop.call_later(delay, self._due)
+
+    def _due(self) -> None:
+        self._handle = None
+        if self.deadline is None:
+            return
+        remaining = self.deadline - self._loop.time()
+        if remaining > 0.001:
+            self._arm(remaining, self.deadline)
+            return
+        self.deadline = None
+        self._callback()
+
+
 def _build_stock(stock: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     instance = object.__new__(stock)
     instance.__init__(*args, **kwargs)
@@ -162,8 +225,9 @@ class TunedSctpTransport(RTCSctpTransport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pam_sack_packets = 0  # packets with DATA since the last SACK
-        self._pam_sack_timer: asyncio.TimerHandle | None = None
+        self._pam_sack_timer = LazyTimer(self._loop, self._pam_sack_due)
         self._pam_retransmit_pending = False  # a chunk may be marked for retransmission
+        self._pam_t3 = LazyTimer(self._loop, self._t3_expired)  # T3 (stock's _t3_handle stays None)
         self.pam_sacks_sent = 0  # for tests and benchmarks
 
     # --- receiving ---------------------------------------------------------------------------
@@ -186,8 +250,10 @@ class TunedSctpTransport(RTCSctpTransport):
         had_gap = bool(self._sack_misordered)
         only_data = True
         for chunk in chunks:
-            if not isinstance(chunk, DataChunk):
-                only_data = only_data and not isinstance(chunk, sctp_module.ForwardTsnChunk)
+            if type(chunk) is DataChunk:  # what stock _receive_chunk dispatches it to, minus its debug line
+                await self._receive_data_chunk(chunk)
+                continue
+            only_data = only_data and not isinstance(chunk, sctp_module.ForwardTsnChunk)
             await self._receive_chunk(chunk)
         if not self._sack_needed:
             return
@@ -196,11 +262,10 @@ class TunedSctpTransport(RTCSctpTransport):
                 or self._pam_sack_packets >= SACK_EVERY_PACKETS
                 or self._association_state != self.State.ESTABLISHED):
             await self._send_sack()
-        elif self._pam_sack_timer is None:
-            self._pam_sack_timer = self._loop.call_later(SACK_DELAY_S, self._pam_sack_due)
+        elif not self._pam_sack_timer.active:
+            self._pam_sack_timer.set(SACK_DELAY_S)
 
     def _pam_sack_due(self) -> None:
-        self._pam_sack_timer = None
         if self._sack_needed:
             asyncio.ensure_future(self._pam_send_sack_quietly())
 
@@ -213,9 +278,7 @@ class TunedSctpTransport(RTCSctpTransport):
     def _pam_sack_sent(self) -> None:
         self.pam_sacks_sent += 1
         self._pam_sack_packets = 0
-        if self._pam_sack_timer is not None:
-            self._pam_sack_timer.cancel()
-            self._pam_sack_timer = None
+        self._pam_sack_timer.clear()
 
     async def _send_sack(self) -> None:
         self._pam_sack_sent()
@@ -223,6 +286,9 @@ class TunedSctpTransport(RTCSctpTransport):
 
     def _pam_sack_bytes(self) -> bytes:
         """The pending SACK as a chunk to bundle (stock _send_sack's content); clears what it reports."""
+        if not self._sack_misordered and not self._sack_duplicates:  # in order: SackChunk's bytes, packed once
+            return sctp_module.pack("!BBHLLHH", SackChunk.type, 0, 16, self._last_received_tsn,
+                                    max(0, self._advertised_rwnd), 0, 0)
         gaps: list[list[int]] = []
         gap_next = None
         for tsn in sorted(self._sack_misordered):
@@ -297,7 +363,18 @@ class TunedSctpTransport(RTCSctpTransport):
         self._pam_retransmit_pending = True
         super()._t3_expired()
 
-    async def _pam_send_packet(self, chunks: list[bytes]) -> None:
+    def _t3_start(self) -> None:
+        self._pam_t3.set(self._rto)
+
+    def _t3_restart(self) -> None:
+        """Stock cancels the timer and arms a new one on every SACK that acknowledges the earliest
+        chunk (and stops and starts it on every request/response): here that moves a deadline."""
+        self._pam_t3.set(self._rto)
+
+    def _t3_cancel(self) -> None:
+        self._pam_t3.clear()
+
+    def _pam_packet(self, chunks: list[bytes]) -> bytes:
         """One SCTP packet of serialized chunks, led by the pending SACK when it fits."""
         body = b"".join(chunks)
         if self._sack_needed:
@@ -309,7 +386,20 @@ class TunedSctpTransport(RTCSctpTransport):
                 self._pam_sack_sent()
         header = sctp_module.pack("!HHL", self._local_port, self._remote_port, self._remote_verification_tag)
         checksum = crc32c(header + b"\x00\x00\x00\x00" + body)
-        await self._RTCSctpTransport__transport._send_data(header + sctp_module.pack("<L", checksum) + body)
+        return header + sctp_module.pack("<L", checksum) + body
+
+    async def _pam_send_packets(self, packets: list[list[bytes]]) -> None:
+        """Send packets in order; through a tuned DTLS transport without a coroutine per packet."""
+        dtls = self._RTCSctpTransport__transport
+        tuned = isinstance(dtls, TunedDtlsTransport)
+        for chunks in packets:
+            data = self._pam_packet(chunks)
+            if not tuned:
+                await dtls._send_data(data)
+                continue
+            record = dtls._pam_send_now(data)
+            if record:
+                await dtls._pam_send_stock(record)
 
     async def _transmit(self) -> None:
         """Stock _transmit, with the retransmission scan skipped when nothing can be marked and
@@ -317,7 +407,7 @@ class TunedSctpTransport(RTCSctpTransport):
         if self._forward_tsn_chunk is not None:
             await self._send_chunk(self._forward_tsn_chunk)
             self._forward_tsn_chunk = None
-            if not self._t3_handle:
+            if not self._pam_t3.active:
                 self._t3_start()
 
         if self._fast_recovery_exit is not None:
@@ -326,17 +416,18 @@ class TunedSctpTransport(RTCSctpTransport):
             burst_size = 4 * sctp_module.USERDATA_MAX_LENGTH
         cwnd = min(self._flight_size + burst_size, self._cwnd)
 
-        packet: list[bytes] = []
-        room = _PACKET_ROOM
+        packets: list[list[bytes]] = []
+        room = 0  # what the last packet of `packets` can still take
 
-        async def add(chunk: DataChunk) -> None:
-            nonlocal packet, room
+        def add(chunk: DataChunk) -> None:
+            nonlocal room
             data = bytes(chunk)
-            if packet and len(data) > room:
-                await self._pam_send_packet(packet)
-                packet, room = [], _PACKET_ROOM
-            packet.append(data)
-            room -= len(data)
+            if not packets or len(data) > room:
+                packets.append([data])
+                room = _PACKET_ROOM - len(data)
+            else:
+                packets[-1].append(data)
+                room -= len(data)
 
         if self._pam_retransmit_pending:
             retransmit_earliest = True
@@ -345,14 +436,14 @@ class TunedSctpTransport(RTCSctpTransport):
                     if self._fast_recovery_transmit:
                         self._fast_recovery_transmit = False
                     elif self._flight_size >= cwnd:
-                        if packet:
-                            await self._pam_send_packet(packet)
+                        if packets:
+                            await self._pam_send_packets(packets)
                         return
                     self._flight_size_increase(chunk)
                     chunk._misses = 0
                     chunk._retransmit = False
                     chunk._sent_count += 1
-                    await add(chunk)
+                    add(chunk)
                     if retransmit_earliest:
                         self._t3_restart()
                 retransmit_earliest = False
@@ -364,63 +455,262 @@ class TunedSctpTransport(RTCSctpTransport):
             self._flight_size_increase(chunk)
             chunk._sent_count += 1
             chunk._sent_time = time.time()
-            await add(chunk)
-            if not self._t3_handle:
+            add(chunk)
+            if not self._pam_t3.active:
                 self._t3_start()
-        if packet:
-            await self._pam_send_packet(packet)
+        if packets:
+            await self._pam_send_packets(packets)
 
 
-# How many bytes OpenSSL's memory BIO holds, without reading it (None: always read, as stock).
-_BIO_MEM_DATA = getattr(SSL._lib, "BIO_get_mem_data", None)
-_MEM_DATA_POINTER = SSL._ffi.new("char **")  # out-parameter, written by any caller, never read
+_SSL_LIB, _SSL_FFI = SSL._lib, SSL._ffi  # what pyOpenSSL's Connection methods call
+
+
+RECEIVE_BUFFER = 2 * 1024 * 1024  # bytes asked for: ~ SCTP's 1 MiB window in datagrams (the kernel caps it)
+
+
+def _size_receive_buffer(protocol: Any) -> None:
+    """Let the nominated socket hold SCTP's receive window. aiortc's sender is paced by its
+    congestion window alone, which grows past what aioice's 256 KiB socket buffer holds in
+    datagrams (the kernel charges each ~1.2 KB datagram a few KB); every datagram beyond is
+    dropped by the kernel and must be retransmitted."""
+    transport = getattr(protocol, "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or getattr(protocol, "_pam_buffer_sized", False):
+        return
+    protocol._pam_buffer_sized = True
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RECEIVE_BUFFER:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    except OSError:
+        pass
+
+
+def _demux_dtls_first(protocol: Any) -> None:
+    """Hand DTLS datagrams (first byte 20-63, RFC 7983) of an aioice StunProtocol straight to its
+    connection; stock parses every datagram as STUN first and catches the failure."""
+    if type(protocol) is not aioice.ice.StunProtocol or "datagram_received" in vars(protocol):
+        return
+    stock = protocol.datagram_received
+    receiver, component = protocol.receiver, protocol.local_candidate.component
+
+    def datagram_received(data: bytes, addr: Any) -> None:
+        if data and 19 < data[0] < 64:
+            receiver.data_received(data, component)
+        else:
+            stock(data, addr)
+    protocol.datagram_received = datagram_received
+
+
+class DirectQueue(asyncio.Queue):  # type: ignore[type-arg]
+    """aioice's queue of received datagrams, which first offers each datagram to `consumer`.
+
+    Stock, a datagram goes from the socket callback onto this queue and the DTLS transport's
+    receive task takes it on a later loop iteration: one hop per datagram. While that task is
+    idle and nothing is queued, the consumer handles the record in the socket callback itself;
+    anything else (the end-of-connection None, a busy or not yet connected transport) is queued
+    as stock, so the order of records never changes."""
+
+    consumer: Any = None  # callable((data, component)) -> bool: True when it took the datagram
+
+    def put_nowait(self, item: Any) -> None:
+        consumer = self.consumer
+        if consumer is not None and item is not None and self.empty() and consumer(item):
+            return
+        super().put_nowait(item)
 
 
 class TunedDtlsTransport(RTCDtlsTransport):
-    """RTCDtlsTransport that sends records straight to the nominated pair and skips empty reads."""
+    """RTCDtlsTransport that sends records straight to the nominated pair, skips empty reads and
+    handles a received record in the socket callback when its receive task is idle."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         if not (enabled() and supported("dtls")):
             return _build_stock(RTCDtlsTransport, args, kwargs)
         return object.__new__(cls)
 
-    def _pam_ssl_output_pending(self) -> bool:
-        """Whether OpenSSL left bytes to send (reading an empty buffer raises, once per datagram)."""
-        bio = getattr(self._ssl, "_from_ssl", None)
-        if bio is None or _BIO_MEM_DATA is None:
-            return True
-        return _BIO_MEM_DATA(bio, _MEM_DATA_POINTER) > 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pam_idle = False  # the receive task waits on an empty queue
+        self._pam_backlog: collections.deque[bytes] | None = None  # records behind a suspended one
+        self.pam_direct_records = 0  # for tests and benchmarks
+        self._pam_rx_buffer = _SSL_FFI.new("char[]", 1500)  # per transport: cffi calls drop the GIL
+        self._pam_tx_buffer = _SSL_FFI.new("char[]", 1500)
+        self._pam_pair: Any = None  # the nominated pair _pam_udp and _pam_addr belong to
+        self._pam_udp: Any = None
+        self._pam_addr: Any = None
 
-    async def _pam_send_record(self, data: bytes) -> None:
+    # --- receiving ---------------------------------------------------------------------------
+
+    async def _recv_next(self) -> None:
+        """Stock until the handshake is done; then the same receive, with the queue handed to
+        the socket callback (`_pam_direct`) while this task waits on it."""
+        if not self._RTCDtlsTransport__handshake_done or self._state != State.CONNECTED:
+            return await super()._recv_next()
+        connection = self.transport._connection
+        queue = connection._queue
+        if type(queue) is asyncio.Queue and queue.empty():  # noqa: E721 - exactly stock's queue
+            queue = connection._queue = DirectQueue()
+        if isinstance(queue, DirectQueue):
+            queue.consumer = self._pam_direct
+        pair = connection._nominated.get(1)
+        if pair is not None:
+            _demux_dtls_first(pair.protocol)
+            _size_receive_buffer(pair.protocol)
+        self._pam_idle = True
+        try:
+            data = await self.transport._recv()
+        finally:
+            self._pam_idle = False
+        await self._pam_handle_datagram(data)
+
+    async def _pam_handle_datagram(self, data: bytes) -> None:
+        """Stock _recv_next's handling of one datagram once the handshake is done."""
+        self._RTCDtlsTransport__rx_bytes += len(data)
+        self._RTCDtlsTransport__rx_packets += 1
+        first_byte = data[0]
+        if 19 < first_byte < 64:
+            self._pam_bio_write(data)
+            try:
+                record: bytes | None = self._pam_ssl_recv()
+            except SSL.ZeroReturnError:
+                record = None
+            except SSL.Error:
+                record = b""
+            output = self._pam_take_output()  # _write_ssl, without a coroutine when nothing is due
+            if output and not self._pam_sendto_now(output):
+                await self._pam_send_stock(output)
+            if record is None:
+                raise ConnectionError  # the remote shut DTLS down: the receive task ends, as stock
+            if record and self._data_receiver:
+                await self._data_receiver._handle_data(record)
+        elif 127 < first_byte < 192 and self._rx_srtp:  # SRTP / SRTCP (media): stock's code
+            arrival_time_ms = dtls_module.clock.current_ms()
+            try:
+                if dtls_module.is_rtcp(data):
+                    await self._handle_rtcp_data(self._rx_srtp.unprotect_rtcp(data))
+                else:
+                    await self._handle_rtp_data(self._rx_srtp.unprotect(data), arrival_time_ms=arrival_time_ms)
+            except dtls_module.pylibsrtp.Error:
+                pass
+
+    def _pam_direct(self, item: tuple[bytes, int]) -> bool:
+        """The socket callback's offer of one datagram: take a DTLS record while the receive task idles."""
+        data = item[0]
+        if self._pam_backlog is not None:  # a record before this one is still being handled
+            self._pam_backlog.append(data)
+            return True
+        if not (self._pam_idle and data and 19 < data[0] < 64 and self._state == State.CONNECTED):
+            return False
+        self.pam_direct_records += 1
+        self._pam_backlog = collections.deque()
+        run_now(self._pam_direct_records_from(data))
+        return True
+
+    async def _pam_direct_records_from(self, data: bytes) -> None:
+        """Handle `data`, then whatever arrived while it was suspended, in order; a failure ends
+        the receive task as stock's would (the end-of-connection marker goes on the queue)."""
+        backlog = self._pam_backlog
+        assert backlog is not None
+        try:
+            while True:
+                await self._pam_handle_datagram(data)
+                if not backlog:
+                    break
+                data = backlog.popleft()
+        except ConnectionError:
+            self._pam_end_receiving()
+        except Exception:
+            logger.warning("DTLS record handling failed", exc_info=True)
+            self._pam_end_receiving()
+        finally:
+            self._pam_backlog = None
+
+    def _pam_end_receiving(self) -> None:
+        queue = self.transport._connection._queue
+        asyncio.Queue.put_nowait(queue, None)  # recvfrom raises ConnectionError in the receive task
+
+    # --- OpenSSL through pyOpenSSL's bindings, without its per-call checks on success -------------
+
+    def _pam_take_output(self) -> bytes:
+        """Stock `bio_read(1500)` of what OpenSSL left to send; b"" when the BIO is empty (where
+        pyOpenSSL raises, caught by stock once per datagram)."""
+        size = _SSL_LIB.BIO_read(self._ssl._from_ssl, self._pam_tx_buffer, 1500)
+        return _SSL_FFI.buffer(self._pam_tx_buffer, size)[:] if size > 0 else b""
+
+    def _pam_ssl_recv(self) -> bytes:
+        """Stock `recv(1500)`: the checks that follow a failed read are pyOpenSSL's own."""
+        connection = self._ssl
+        size = _SSL_LIB.SSL_read(connection._ssl, self._pam_rx_buffer, 1500)
+        if size > 0:
+            return _SSL_FFI.buffer(self._pam_rx_buffer, size)[:]
+        connection._raise_ssl_error(connection._ssl, size)
+        return b""
+
+    def _pam_bio_write(self, data: bytes) -> None:
+        connection = self._ssl
+        size = _SSL_LIB.BIO_write(connection._into_ssl, data, len(data))
+        if size <= 0:
+            connection._handle_bio_errors(connection._into_ssl, size)
+
+    def _pam_ssl_send(self, data: bytes) -> None:
+        connection = self._ssl
+        size = _SSL_LIB.SSL_write(connection._ssl, data, len(data))
+        if size <= 0:
+            connection._raise_ssl_error(connection._ssl, size)
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def _pam_sendto_now(self, data: bytes) -> bool:
+        """Send a record straight to the nominated pair's UDP socket; False: use the stock path."""
         connection = self._transport._connection
         connection._pam_last_sent = time.monotonic()  # for idle_consent: is our traffic answered?
         pair = connection._nominated.get(1)
-        transport = getattr(pair.protocol, "transport", None) if pair is not None else None
-        # Straight to a UDP socket only: a TURN-relayed pair's TurnTransport has no is_closing()
-        # and must wrap the record in a Send indication, which the stock path does.
-        is_closing = getattr(transport, "is_closing", None)
-        if is_closing is None or is_closing():
-            await self.transport._send(data)  # stock path: raises ConnectionError when not connected
-        else:
-            transport.sendto(data, pair.remote_addr)
+        if pair is not self._pam_pair:  # looked up once per nominated pair
+            self._pam_pair = pair
+            transport = getattr(pair.protocol, "transport", None) if pair is not None else None
+            # Straight to a UDP socket only: a TURN-relayed pair's TurnTransport has no is_closing()
+            # and must wrap the record in a Send indication, which the stock path does.
+            self._pam_udp = transport if getattr(transport, "is_closing", None) is not None else None
+            self._pam_addr = pair.remote_addr if pair is not None else None
+        transport = self._pam_udp
+        if transport is None or transport.is_closing():
+            return False
+        transport.sendto(data, self._pam_addr)
+        self._RTCDtlsTransport__tx_bytes += len(data)
+        self._RTCDtlsTransport__tx_packets += 1
+        return True
+
+    async def _pam_send_stock(self, data: bytes) -> None:
+        await self.transport._send(data)  # raises ConnectionError when not connected
         self._RTCDtlsTransport__tx_bytes += len(data)
         self._RTCDtlsTransport__tx_packets += 1
 
     async def _write_ssl(self) -> None:
-        if not self._pam_ssl_output_pending():
-            return
-        try:
-            data = self._ssl.bio_read(1500)
-        except SSL.Error:
-            data = b""
-        if data:
-            await self._pam_send_record(data)
+        data = self._pam_take_output()
+        if data and not self._pam_sendto_now(data):
+            await self._pam_send_stock(data)
 
-    async def _send_data(self, data: bytes) -> None:
+    def _pam_send_now(self, data: bytes) -> bytes:
+        """_send_data without a coroutine: encrypt and send; returns b"", or the record that the
+        stock path must still send (no nominated UDP socket)."""
         if self._state != State.CONNECTED:
             raise ConnectionError("Cannot send encrypted data, not connected")
-        self._ssl.send(data)
-        await self._write_ssl()
+        self._pam_ssl_send(data)
+        record = self._pam_take_output()
+        if record and not self._pam_sendto_now(record):
+            return record
+        return b""
+
+    async def _send_data(self, data: bytes) -> None:
+        record = self._pam_send_now(data)
+        if record:
+            await self._pam_send_stock(record)
+
+
+def is_tuned(channel: Any) -> bool:
+    """Whether a data channel runs on a tuned transport: the pumps' direct paths follow the same
+    switch, so PAM_SCTP_TUNING=0 also gives the old task-per-hop pumps."""
+    return isinstance(getattr(channel, "transport", None), TunedSctpTransport)
 
 
 def install() -> None:
