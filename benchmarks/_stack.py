@@ -353,6 +353,18 @@ def close_tunnel(runtime: PamRuntime, tunnel: Tunnel) -> None:
     runtime.stop_tunnel(tunnel.id)
 
 
+def close_all(tunnels: Iterable[tuple[PamRuntime, Tunnel]], runtimes: Iterable[PamRuntime]) -> None:
+    """A benchmark's teardown: every tunnel stopped (one that fails does not keep the rest open),
+    then every runtime shut down."""
+    for runtime, tunnel in tunnels:
+        try:
+            close_tunnel(runtime, tunnel)
+        except Exception:
+            pass
+    for runtime in runtimes:
+        runtime.shutdown()
+
+
 def open_launch(runtime: PamRuntime, resource: str, options: ConnectOptions,
                 timing: ConnectTiming | None = None) -> tuple[Session, float]:
     """`pam launch RESOURCE` up to ready_for_prompt: (session, perf_counter when the first remote byte

@@ -100,13 +100,7 @@ def one_round(workdir: Path, tuning_value: str, consent_mode: str, clock: str, t
                 "client_loop_core_pct": 100 * (after[4] - before[4]) / wall,  # of client_core_pct
                 "tunnels_up": sum(1 for _, t in opened if t.state == "up")}
     finally:
-        for runtime, tunnel in opened:
-            try:
-                _stack.close_tunnel(runtime, tunnel)
-            except Exception:
-                pass
-        for runtime in runtimes:
-            runtime.shutdown()
+        _stack.close_all(opened, runtimes)
         for stack in stacks:
             stack.close()
 

@@ -165,13 +165,7 @@ def one_configuration(tmp: Path, label: str, nodes: int, redis_url: str | None, 
         payload = os.urandom(args.kib * 1024)
         intact = _stack.in_threads(len(tunnels), lambda i: exact_echo(tunnels[i][1].port, payload))
     finally:
-        for runtime, tunnel in tunnels:
-            try:
-                _stack.close_tunnel(runtime, tunnel)
-            except Exception:
-                pass
-        for runtime in runtimes:
-            runtime.shutdown()
+        _stack.close_all(tunnels, runtimes)
         for agent in agents:
             agent.stop()
         for router in routers:

@@ -130,18 +130,27 @@ def run_now(coro: Any) -> None:
     a synchronous sendto), so this is a plain call that saves a loop iteration. Should it ever
     suspend, the rest runs as a task, as stock would have run all of it. Failures are logged
     and kept from the caller, as an unawaited stock task's would be."""
+    yielded = _advance(coro, "send", None)
+    if yielded is not _FINISHED:
+        asyncio.ensure_future(_resume(coro, yielded))
+
+
+_FINISHED = object()  # _advance: the coroutine returned, or failed (logged)
+
+
+def _advance(coro: Any, method: str, arg: Any) -> Any:
+    """One step of `coro` (send or throw): what it waits on next, or _FINISHED."""
     try:
-        yielded = coro.send(None)
+        return getattr(coro, method)(arg)
     except StopIteration:
-        return
+        return _FINISHED
     except Exception:
         logger.debug("data channel flush failed", exc_info=True)
-        return
-    asyncio.ensure_future(_resume(coro, yielded))
+        return _FINISHED
 
 
 async def _resume(coro: Any, yielded: Any) -> None:
-    while True:
+    while yielded is not _FINISHED:
         try:
             if yielded is None:
                 await asyncio.sleep(0)
@@ -149,21 +158,9 @@ async def _resume(coro: Any, yielded: Any) -> None:
             else:
                 value = await yielded
         except BaseException as exc:  # hand the outcome of what it waited on back to it
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration:
-                return
-            except Exception:
-                logger.debug("data channel flush failed", exc_info=True)
-                return
+            yielded = _advance(coro, "throw", exc)
             continue
-        try:
-            yielded = coro.send(value)
-        except StopIteration:
-            return
-        except Exception:
-            logger.debug("data channel flush failed", exc_info=True)
-            return
+        yielded = _advance(coro, "send", value)
 
 
 class LazyTimer:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib.util
 import logging
 import os
 import shlex
@@ -16,13 +15,13 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, Sequence, TextIO
 
 import pluggy
 
 from . import hookspecs
 from .errors import PamError
+from .plugin_loading import load_entry_points, load_file
 
 log = logging.getLogger(__name__)
 
@@ -344,15 +343,12 @@ def load_plugins(plugin_paths: Sequence[str] = (),
     pm.add_hookspecs(hookspecs)
     allowed = environ.get(ALLOW_ENV)
     try:
-        if allowed is None:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        else:
-            for name in filter(None, (n.strip() for n in allowed.split(","))):
-                if not pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name) and not pm.has_plugin(name):
-                    raise PamError(f"{ALLOW_ENV} names {name!r}, but no installed plugin has that name",
-                                   status=USAGE)
+        names = None if allowed is None else filter(None, (n.strip() for n in allowed.split(",")))
+        load_entry_points(pm, ENTRY_POINT_GROUP, names, lambda name: PamError(
+            f"{ALLOW_ENV} names {name!r}, but no installed plugin has that name", status=USAGE))
         for path in plugin_paths:
-            _load_plugin_file(pm, path)
+            load_file(pm, path, "commander_plugin_",
+                      lambda detail, path=path: PamError(f"--plugin {path}: {detail}", status=USAGE))
         pm.check_pending()
     except PamError:
         raise
@@ -360,25 +356,6 @@ def load_plugins(plugin_paths: Sequence[str] = (),
         log.debug("plugin loading failed", exc_info=True)
         raise PamError(f"cannot load plugins: {type(err).__name__}: {err}", status=USAGE) from None
     return pm
-
-
-def _load_plugin_file(pm: pluggy.PluginManager, path: str) -> None:
-    """Import a .py file as a module and register it (a user's drop-in hook file)."""
-    file = Path(path)
-    name = str(file.resolve())
-    spec = importlib.util.spec_from_file_location(f"commander_plugin_{file.stem}", file)
-    if not file.is_file() or spec is None or spec.loader is None:
-        raise PamError(f"--plugin {path}: not a readable Python file", status=USAGE)
-    if pm.has_plugin(name):
-        return
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and pickling look modules up here
-    try:
-        spec.loader.exec_module(module)
-    except Exception as err:
-        log.debug("traceback of --plugin %s", path, exc_info=True)
-        raise PamError(f"--plugin {path}: {type(err).__name__}: {err}", status=USAGE) from None
-    pm.register(module, name=name)
 
 
 # Main ---------------------------------------------------------------------------------------

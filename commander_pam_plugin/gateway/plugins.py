@@ -6,14 +6,13 @@ so a misspelt hook name fails at start instead of silently never running.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
 import pluggy
 
+from ..plugin_loading import load_entry_points, load_file
 from . import hookspecs
 from .config import ConfigError
 from .policy import BuiltinPolicy
@@ -30,14 +29,11 @@ def load_plugins(allowed: Sequence[str] | None = None, files: Sequence[Path] = (
     pm.add_hookspecs(hookspecs)
     pm.register(BuiltinPolicy(), name=BUILTIN_NAME)
     try:
-        if allowed is None:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        else:
-            for name in allowed:
-                if not pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name) and not pm.has_plugin(name):
-                    raise ConfigError(f"gateway.plugins: names {name!r}, but no installed gateway plugin has that name")
+        load_entry_points(pm, ENTRY_POINT_GROUP, allowed, lambda name: ConfigError(
+            f"gateway.plugins: names {name!r}, but no installed gateway plugin has that name"))
         for path in files:
-            _load_file(pm, path)
+            load_file(pm, path, "pam_gateway_plugin_",
+                      lambda detail, path=path: ConfigError(f"gateway.plugin_files: {path}: {detail}"))
         pm.check_pending()
     except ConfigError:
         raise
@@ -48,21 +44,3 @@ def load_plugins(allowed: Sequence[str] | None = None, files: Sequence[Path] = (
     if names:
         log.info("gateway plugins: %s", ", ".join(sorted(str(n) for n in names)))
     return pm
-
-
-def _load_file(pm: pluggy.PluginManager, path: Path) -> None:
-    """Import a .py file named in gateway.plugin_files and register it."""
-    name = str(path.resolve())
-    if pm.has_plugin(name):
-        return
-    spec = importlib.util.spec_from_file_location(f"pam_gateway_plugin_{path.stem}", path)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"gateway.plugin_files: {path}: not a readable Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as err:
-        log.debug("traceback of gateway plugin %s", path, exc_info=True)
-        raise ConfigError(f"gateway.plugin_files: {path}: {type(err).__name__}: {err}") from None
-    pm.register(module, name=name)
