@@ -21,6 +21,7 @@ from ..loop import half_close
 from ..protocol import ProtocolError, SessionRequest, control_message, parse_control_message
 from .config import Resource
 from .recording import AsciicastRecorder
+from . import ssh_window
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ SSH_CONNECT_TIMEOUT_S = 15.0
 # What the SSH server may send before the gateway reads it: one flow-control window, so a slow
 # client holds the gateway at about two windows per terminal (asyncssh's default is 2 MiB).
 SSH_WINDOW = DEFAULT_WINDOW
+ssh_window.apply()  # so that window is a bound while the reader is paused (ssh_window.py)
 
 
 class ChannelClosed(Exception):
