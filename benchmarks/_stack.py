@@ -276,7 +276,11 @@ class Stack:
                 ("[[users]]", {"name": USER, "token": self.token}),
                 ("[gateway]", {"name": spec.name, "token": gateway_tokens[spec.name],
                                "host_addresses": list(self.gateway_addresses), "capabilities": spec.capabilities,
-                               "recordings_dir": str(self.workdir / "recordings")}),
+                               "recordings_dir": str(self.workdir / "recordings"),
+                               # its own control socket: stacks side by side in one run (a stock and
+                               # a tuned path) name their gateways alike, and one socket per name
+                               # is all a machine gets by default
+                               "control_socket": str(self.workdir / "control" / f"{spec.name}.sock")}),
                 *resources])
             self.agents[spec.name] = AgentProcess(config, spec.name, f"http://127.0.0.1:{gateway_proxy.port}")
 
