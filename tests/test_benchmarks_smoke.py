@@ -1,4 +1,4 @@
-"""The three benchmarks run end to end with tiny parameters and write the JSON keys they promise.
+"""The benchmarks run end to end with tiny parameters and write the JSON keys they promise.
 
 No timing is asserted here (figures belong to the benchmarks, not to tests): only that each
 script completes against real router, gateway and target processes and reports its figures.
@@ -73,3 +73,9 @@ def test_concurrency_opens_every_tunnel_and_checks_every_transfer(tmp_path: Path
         assert result["concurrent_ready_ms"]["p95"] > 0 and result["ratio_p95_to_single_median"] > 0
         assert result["gateway_rss_kib"]["all_up"] > 0 and "gateway_rss_kib_per_session" in result
         assert result["cpu_ms_per_setup"]["client"] >= 0 and result["cpu_ms_per_setup"]["gateway"] >= 0
+
+
+def test_latency_runs_stock_and_tuned_stacks_side_by_side(tmp_path: Path) -> None:
+    # Two stacks in one run whose gateways share a name: each needs its own control socket.
+    result = _run("latency.py", tmp_path, "--rounds", "1", "--echoes", "20", "--redis-requests", "200")
+    assert {"direct", "ssh -L", "pam stock", "pam tuned"} <= _keys(result), sorted(_keys(result))[:40]
