@@ -37,8 +37,10 @@ def stock_source_digest() -> str:
 
 def _deliver_data(self: Any, data: bytes, datatype: Any) -> None:
     """Deliver one packet to the session; re-open the window only by what is no longer buffered."""
-    buffered = sum(len(item) for item, _ in self._recv_buf)
-    if self._recv_window + buffered < self._init_recv_window / 2:
+    half = self._init_recv_window / 2
+    # the buffer is summed only once the window is low: most packets pass on without it
+    buffered = sum(len(item) for item, _ in self._recv_buf) if self._recv_window < half else 0
+    if self._recv_window + buffered < half:
         adjust = self._init_recv_window - buffered - self._recv_window
         self.logger.debug2('Sending window adjust of %d bytes, %d still buffered', adjust, buffered)
         self.send_packet(MSG_CHANNEL_WINDOW_ADJUST, UInt32(adjust))
